@@ -1,0 +1,155 @@
+"""Builds a model from a Hugging Face checkpoint folder, or with random weights (`dummy`)."""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .models.qwen2 import Qwen2ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# Checkpoint tensors that are stored separately but computed fused: name -> (fused name, shard index).
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: its folder (or a config.json file) and how to get its weights."""
+
+    path: Path
+    load_format: str = "auto"
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent if self.path.suffix == ".json" else self.path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path if self.path.suffix == ".json" else self.path / "config.json"
+
+
+def load_config(source: ModelSource) -> ModelConfig:
+    if not source.path.exists():
+        raise FileNotFoundError(f"model path {source.path} does not exist")
+    if not source.config_file.is_file():
+        raise FileNotFoundError(f"{source.folder} has no config.json: not a Hugging Face checkpoint folder")
+    return ModelConfig.from_file(source.config_file)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is corrupt: {e}") from e
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"missing checkpoint shard(s) listed in {index.name}: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors or model.safetensors.index.json "
+        "(use load_format='dummy' for random weights)"
+    )
+
+
+def _target(model: Qwen2ForCausalLM, name: str) -> tuple[torch.Tensor, int, str]:
+    """The parameter a checkpoint tensor goes into, its shard index (-1: whole), and its own name."""
+    own = name.removeprefix("model.")
+    parts = own.split(".")
+    if len(parts) >= 2 and parts[-2] in _FUSED:
+        fused, shard = _FUSED[parts[-2]]
+        own = ".".join(parts[:-2] + [fused, parts[-1]])
+        return model.get_parameter(own), shard, own
+    return model.get_parameter(own), -1, own
+
+
+def _shard_slice(model: Qwen2ForCausalLM, param_name: str, shard: int) -> slice:
+    c = model.config
+    if "qkv_proj" in param_name:
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        bounds = [0, q, q + kv, q + 2 * kv]
+    else:
+        bounds = [0, c.intermediate_size, 2 * c.intermediate_size]
+    return slice(bounds[shard], bounds[shard + 1])
+
+
+def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -> None:
+    """Copies every tensor of the checkpoint into `model`, checking names and shapes."""
+    files = _weight_files(folder)
+    expected = {n for n, _ in model.named_parameters()}
+    filled: dict[str, int] = {}
+    for file in tqdm(files, desc=f"loading {folder.name}", unit="shard", disable=not progress):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise ValueError(f"cannot read checkpoint file {file}: {e}") from e
+        with handle as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    continue
+                try:
+                    param, shard, own = _target(model, name)
+                except AttributeError:
+                    raise ValueError(f"{file.name}: unexpected tensor {name!r} for a Qwen2 model") from None
+                dest = param.data if shard < 0 else param.data[_shard_slice(model, own, shard)]
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ValueError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(dest.shape)} from config.json"
+                    )
+                dest.copy_(tensor)
+                filled[own] = filled.get(own, 0) + 1
+    shards_needed = {n: (3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1) for n in expected}
+    if model.config.tie_word_embeddings:
+        shards_needed.pop("lm_head.weight", None)
+    missing = sorted(n for n, k in shards_needed.items() if filled.get(n, 0) < k)
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+
+
+def init_dummy_weights(model: Qwen2ForCausalLM, seed: int, std: float = 0.02) -> None:
+    """Random weights at the real shapes: normal(0, std) matrices, unit norms, zero-mean biases."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            p.data.fill_(1.0)
+        else:
+            p.data.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
+                seed: int = 0, progress: bool = True) -> Qwen2ForCausalLM:
+    if source.load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {source.load_format!r}")
+    config = load_config(source)
+    with torch.device("meta"):  # no time spent on initialisations that get overwritten
+        model = Qwen2ForCausalLM(config, max_positions).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    if source.load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, source.folder, progress)
+    model.init_rope()
+    model.eval().requires_grad_(False)
+    logger.info("loaded %s (%s, %.1fM parameters, %s)", source.folder, source.load_format,
+                config.num_parameters() / 1e6, dtype)
+    return model

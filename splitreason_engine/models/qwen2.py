@@ -1,0 +1,130 @@
+"""Qwen2 decoder (R1-Distill-Qwen 1.5B-32B, QwQ-32B) over the shared paged KV pool.
+
+q/k/v and gate/up projections are fused into one matmul each; the loader splits checkpoint
+tensors into them. Attention reads and writes the model's own view of the pool.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..kernels import (add_rms_norm_ref, paged_decode_attention_ref, paged_extend_attention_ref,
+                       rms_norm_ref, rope_cos_sin, rope_store_kv_ref, silu_and_mul_ref)
+
+
+@dataclass
+class AttentionBatch:
+    """One model's step, as tensors on the model's device (see the scheduler's BatchBuffers)."""
+
+    positions: torch.Tensor  # [N]
+    slot_mapping: torch.Tensor  # [N]
+    query_start_loc: torch.Tensor  # [B + 1]
+    seq_lens: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, W]
+    num_decodes: int  # the first num_decodes sequences have one new token each
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: "torch.Tensor | None" = None):
+        if residual is None:
+            return rms_norm_ref(x, self.weight, self.eps)
+        return add_rms_norm_ref(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        self.scale = c.head_dim ** -0.5
+
+    def forward(self, x, batch: AttentionBatch, cos_sin, k_cache, v_cache):
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, _ = rope_store_kv_ref(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        d = batch.num_decodes
+        if d == batch.seq_lens.shape[0]:
+            out = paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)
+        else:
+            out = torch.empty_like(q)
+            if d:
+                out[:d] = paged_decode_attention_ref(q[:d], k_cache, v_cache, batch.block_tables[:d],
+                                                     batch.seq_lens[:d], self.scale)
+            out[d:] = paged_extend_attention_ref(q[d:], k_cache, v_cache, batch.block_tables[d:],
+                                                 batch.query_start_loc[d:] - d, batch.seq_lens[d:], self.scale)
+        return self.o_proj(out.view(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, residual, batch, cos_sin, k_cache, v_cache):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, cos_sin, k_cache, v_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, c: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.tie_weights()
+        self.max_positions = max_positions
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_rope(self) -> None:
+        """Builds the rotary table once the model is on its device and dtype."""
+        w = self.embed_tokens.weight
+        self.cos_sin = rope_cos_sin(self.config.head_dim, self.max_positions, self.config.rope_theta, w.dtype, w.device)
+
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden states [N, hidden] of every new token, before the final norm (applied in compute_logits)."""
+        x, residual = self.embed_tokens(input_ids), None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, batch, self.cos_sin, k_cache, v_cache)
+        return x + residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the selected rows of forward()'s output, in fp32."""
+        return F.linear(self.norm(hidden), self.lm_head.weight).float()

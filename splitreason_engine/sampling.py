@@ -1,0 +1,121 @@
+"""Sampling parameters and the batched sampler (PyTorch; the CPU path and the kernels' oracle).
+
+Randomness is drawn per request from (seed, index of the token in the output), so a seeded
+request gets the same tokens whatever else shares its batch, and after a preemption.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("small", "big")  # which model generates the request
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 is greedy. top_k <= 0 and top_p = 1 disable those filters. `stop` strings end
+    the request when they appear in the text (they are cut from the returned text);
+    `stop_token_ids` end it when sampled (kept). `mode` picks the model that generates.
+    `logprobs` returns the log-probability, under the
+    model's unmodified distribution, of every chosen token.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: "int | None" = None
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    mode: str = "small"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise ValueError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _noise_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for the `index`-th token of a request seeded with `seed` (splitmix64 mix)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
+
+
+def exponential_noise(vocab: int, seeds: list["int | None"], indices: list[int],
+                      generator: torch.Generator, device) -> torch.Tensor:
+    """Exp(1) noise per row: seeded rows from their own stream, the others from `generator`."""
+    noise = torch.empty(len(seeds), vocab, device=device)
+    noise.exponential_(generator=generator)
+    for row, (seed, index) in enumerate(zip(seeds, indices)):
+        if seed is not None:
+            g = torch.Generator(device=device).manual_seed(_noise_seed(seed, index))
+            noise[row].exponential_(generator=g)
+    return noise
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Temperature-scaled logits with entries outside each row's top-k / top-p set to -inf."""
+    logits = logits / temperature[:, None]
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    if bool((k < vocab).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)[None, :]
+        drop = rank >= k[:, None]
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
+        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
+           generator: torch.Generator, real_vocab: int) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+    """Picks one token per row of fp32 `logits` [n, V]; returns (token ids int32, logprobs or None).
+
+    `output_indices[i]` is how many tokens row i's request has generated so far (the noise index).
+    Ids >= `real_vocab` (padding rows of the embedding) are never chosen.
+    """
+    if logits.shape[-1] > real_vocab:
+        logits = logits[:, :real_vocab]
+    if all(p.greedy for p in params):
+        tokens = logits.argmax(dim=-1)
+    else:
+        device = logits.device
+        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+        top_k = torch.tensor([1 if p.greedy else p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+        noise = exponential_noise(logits.shape[-1], [p.seed for p in params], output_indices, generator, device)
+        tokens = (probs / noise).argmax(dim=-1)  # exponential race: P(i wins) = probs[i]
+    logprobs = None
+    if any(p.logprobs for p in params):
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens.to(torch.int32), logprobs
