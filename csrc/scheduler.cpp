@@ -184,6 +184,7 @@ Request* Scheduler::lookup(int64_t id) {
 }
 
 int32_t Scheduler::update(int32_t model, const int32_t* sampled, int32_t num_sampled) {
+  if (model < 0 || model >= num_models()) throw std::invalid_argument("update: model index out of range");
   const int32_t* counts = &counts_[model * kNumCountFields];
   if (num_sampled != counts[kNumSamples])
     throw std::invalid_argument("update: got " + std::to_string(num_sampled) + " tokens for " +

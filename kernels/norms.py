@@ -1,13 +1,12 @@
 """RMSNorm, alone and fused with the residual add that precedes it in every decoder layer."""
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalises in fp32 and casts back before the weight, as Hugging Face's Qwen2RMSNorm does."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def add_rms_norm_ref(

@@ -20,8 +20,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rope_store_kv_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    qk: torch.Tensor,
     v: torch.Tensor,
     positions: torch.Tensor,
     cos_sin: torch.Tensor,
@@ -29,13 +28,14 @@ def rope_store_kv_ref(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q [N, Hq, D] and k [N, Hkv, D] at `positions`, writes k and v into the paged caches
-    ([pages, page_tokens, Hkv, D]) at `slot_mapping` (page * page_tokens + offset; negative slots
-    are padding and skipped), and returns the rotated (q, k)."""
-    half = q.shape[-1] // 2
+    """Rotates qk [N, Hq + Hkv, D] (query heads, then key heads) at `positions`, writes the keys
+    and v [N, Hkv, D] into the paged caches ([pages, page_tokens, Hkv, D]) at `slot_mapping`
+    (page * page_tokens + offset; negative slots are padding and skipped), and returns the rotated
+    (q, k)."""
+    half = qk.shape[-1] // 2
     table = cos_sin[positions].unsqueeze(1)
-    cos, sin = table[..., :half], table[..., half:]
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    qk = _rotate(qk, table[..., :half], table[..., half:])
+    q, k = qk.split([qk.shape[1] - v.shape[1], v.shape[1]], dim=1)
     page_tokens = k_cache.shape[1]
     valid = slot_mapping >= 0
     if not bool(valid.all()):

@@ -50,11 +50,10 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: AttentionBatch, cos_sin, k_cache, v_cache):
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, _ = rope_store_kv_ref(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        q, _ = rope_store_kv_ref(qk, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
         d = batch.num_decodes
         if d == batch.seq_lens.shape[0]:
             out = paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)

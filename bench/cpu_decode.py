@@ -1,0 +1,118 @@
+"""CPU decode throughput: this engine vs Hugging Face `generate` (and vLLM's CPU build when it is
+importable) on the same random ~25M-parameter Qwen2, against the memory-bandwidth floor.
+
+All contenders run in this one process on this one machine; compare the ratios, not the absolute
+numbers, across machines.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, machine, save_random_qwen2, write_json  # noqa: E402
+
+from splitreason_engine import Engine, SamplingParams  # noqa: E402
+
+MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=1408, vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=True,
+             rope_theta=10000.0, bos_token_id=None, eos_token_id=None)
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def run_engine(folder: Path, batch: int, prompt_len: int, new_tokens: int) -> float:
+    engine = Engine(folder, kv_cache_bytes=256 << 20, max_model_len=1024, progress=False)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompts(batch, prompt_len, MODEL["vocab_size"]), SamplingParams(temperature=0, max_tokens=8,
+                                                                                       ignore_eos=True), use_tqdm=False)
+    start = time.perf_counter()
+    outs = engine.generate(prompts(batch, prompt_len, MODEL["vocab_size"]), params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return batch * new_tokens / elapsed
+
+
+@torch.inference_mode()
+def run_hf(folder: Path, batch: int, prompt_len: int, new_tokens: int) -> float:
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts(batch, prompt_len, MODEL["vocab_size"]))
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompt_len + new_tokens
+    return batch * new_tokens / elapsed
+
+
+def run_vllm(folder: Path, batch: int, prompt_len: int, new_tokens: int) -> "float | None":
+    try:
+        from vllm import LLM, SamplingParams as VParams
+    except ImportError:
+        return None
+    llm = LLM(model=str(folder), tokenizer=None, skip_tokenizer_init=True, dtype="float32",
+              gpu_memory_utilization=0.3, max_model_len=1024, enforce_eager=False)
+    params = VParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts(batch, prompt_len, MODEL["vocab_size"])]
+    llm.generate(inputs, VParams(temperature=0, max_tokens=8), use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate(inputs, params, use_tqdm=False)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def decode_floor(bandwidth: float, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Tokens/s if each decode step only had to read the weights once and every sequence's KV."""
+    h, layers, kv = MODEL["hidden_size"], MODEL["num_hidden_layers"], MODEL["num_key_value_heads"] * 64
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * MODEL["intermediate_size"]) + MODEL["vocab_size"] * h
+    weight_bytes = params * 4
+    mean_context = prompt_len + new_tokens / 2
+    kv_bytes = batch * mean_context * layers * 2 * kv * 4
+    return batch * bandwidth / (weight_bytes + kv_bytes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: 32)")
+    p.add_argument("--new-tokens", type=int, default=256, help="generated tokens per request (default: 256)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    p.add_argument("--skip-vllm", action="store_true", help="do not try vLLM even if it is importable")
+    args = p.parse_args()
+
+    bandwidth = copy_bandwidth()
+    results: dict = {"machine": machine(), "model": MODEL, "prompt_len": args.prompt_len,
+                     "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_random_qwen2(Path(tmp) / "qwen2-25m", **MODEL)
+        for b in args.batches:
+            results[f"engine_tok_s_b{b}"] = run_engine(folder, b, args.prompt_len, args.new_tokens)
+            results[f"hf_tok_s_b{b}"] = run_hf(folder, b, args.prompt_len, args.new_tokens)
+            if not args.skip_vllm:
+                results[f"vllm_tok_s_b{b}"] = run_vllm(folder, b, args.prompt_len, args.new_tokens)
+            results[f"floor_tok_s_b{b}"] = decode_floor(bandwidth, b, args.prompt_len, args.new_tokens)
+
+    m = results["machine"]
+    print(f"machine: {m['host']} | {m['cpu']} | {m['cores']} cores | torch {m['torch']} | "
+          f"copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s (read+write)")
+    print(f"{'batch':>5} {'engine':>9} {'HF':>9} {'vLLM':>9} {'floor':>9} {'eng/HF':>7} {'eng/vLLM':>8} {'eng/floor':>9}")
+    for b in args.batches:
+        e, h, v, f = (results.get(f"{k}_tok_s_b{b}") for k in ("engine", "hf", "vllm", "floor"))
+        print(f"{b:>5} {e:>9.1f} {h:>9.1f} {(f'{v:.1f}' if v else '-'):>9} {f:>9.1f} {e / h:>7.2f} "
+              f"{(f'{e / v:.2f}' if v else '-'):>8} {e / f:>9.2f}")
+    print("(tokens/s of generated tokens, prefill included)")
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

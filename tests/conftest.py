@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_models import CONFIGS, save_tiny_qwen2  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One saved Hugging Face checkpoint per config in hf_models.CONFIGS."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_tiny_qwen2(root / name, name, seed=i) for i, name in enumerate(CONFIGS)}
