@@ -71,6 +71,8 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"{source}: rope scaling {rope_type!r} is not supported")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (Qwen2 uses silu)")
         if raw.get("use_sliding_window"):
             raise ValueError(f"{source}: sliding-window attention is not supported")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

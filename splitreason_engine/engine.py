@@ -161,7 +161,7 @@ class Engine:
         """Queues one prompt; raises ValueError naming the problem if it cannot be served."""
         ids = self._tokenize(prompt)
         model = self._model_index(params)
-        vocab = self.models[model].config.vocab_size
+        vocab = self.real_vocab[model]
         if not ids:
             raise ValueError("empty prompt")
         if len(ids) >= self.max_model_len:
@@ -173,13 +173,13 @@ class Engine:
         stop_ids = list(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids += list(self.tokenizer.eos_token_ids if self.tokenizer else self.models[model].config.eos_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         rid = self._next_id
         self._next_id += 1
         self.scheduler.add_request(rid, model, ids, params.max_tokens, stop_ids)
-        req = _Request(rid, index, model, ids, params, RequestMetrics(time.perf_counter(), num_prompt_tokens=len(ids)))
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-        self._requests[rid] = req
+        self._requests[rid] = _Request(rid, index, model, ids, params,
+                                       RequestMetrics(time.perf_counter(), num_prompt_tokens=len(ids)))
         return rid
 
     def abort(self, request_id: int) -> None:

@@ -87,11 +87,23 @@ def _shard_slice(model: Qwen2ForCausalLM, param_name: str, shard: int) -> slice:
     return slice(bounds[shard], bounds[shard + 1])
 
 
+def _checkpoint_names(model: Qwen2ForCausalLM) -> list[str]:
+    """Every tensor name a checkpoint must hold for `model` (without "model."), fused ones split."""
+    unfused = {fused: [part for part, (f, _) in _FUSED.items() if f == fused] for fused, _ in _FUSED.values()}
+    names = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in unfused:
+            names += [".".join(parts[:-2] + [part, parts[-1]]) for part in unfused[parts[-2]]]
+        elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            names.append(name)
+    return names
+
+
 def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -> None:
     """Copies every tensor of the checkpoint into `model`, checking names and shapes."""
     files = _weight_files(folder)
-    expected = {n for n, _ in model.named_parameters()}
-    filled: dict[str, int] = {}
+    loaded: set[str] = set()  # checkpoint names, without the "model." prefix
     for file in tqdm(files, desc=f"loading {folder.name}", unit="shard", disable=not progress):
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -115,11 +127,8 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -
                         f"expected {tuple(dest.shape)} from config.json"
                     )
                 dest.copy_(tensor)
-                filled[own] = filled.get(own, 0) + 1
-    shards_needed = {n: (3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1) for n in expected}
-    if model.config.tie_word_embeddings:
-        shards_needed.pop("lm_head.weight", None)
-    missing = sorted(n for n, k in shards_needed.items() if filled.get(n, 0) < k)
+                loaded.add(name.removeprefix("model."))
+    missing = sorted(set(_checkpoint_names(model)) - loaded)
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))

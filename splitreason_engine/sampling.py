@@ -38,7 +38,7 @@ class SamplingParams:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -88,8 +88,9 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=logits.device)[None, :]
         drop = rank >= k[:, None]
-        probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
+        # top-p measures mass within the top-k set, renormalised (as HF generate and vLLM do); keep
+        # the smallest prefix whose mass reaches top_p (the token that crosses it stays).
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models import save_tiny_qwen2
@@ -115,8 +116,6 @@ def test_corrupt_index_json(sharded, tmp_path):
     ("model.embed_tokens.weight", lambda s: (s[0] + 8, s[1])),  # vocabulary mismatch
 ])
 def test_tensor_with_wrong_shape(checkpoint, tmp_path, name, bad_shape):
-    import torch
-
     folder = copy(checkpoint, tmp_path)
 
     def edit(tensors):
@@ -149,8 +148,6 @@ def test_checkpoint_missing_part_of_a_fused_tensor_names_that_part(checkpoint, t
 
 
 def test_unexpected_tensor(checkpoint, tmp_path):
-    import torch
-
     folder = copy(checkpoint, tmp_path)
     rewrite(folder, lambda t: t.__setitem__("model.layers.7.mlp.down_proj.weight", torch.zeros(2, 2)))
     with pytest.raises(ValueError, match=re.escape("model.layers.7.mlp.down_proj.weight")):
@@ -172,7 +169,9 @@ def test_corrupt_or_truncated_safetensors(checkpoint, tmp_path, how):
 @pytest.mark.parametrize("edit,message", [
     (dict(architectures=["LlamaForCausalLM"], model_type="llama"), "unsupported architecture"),
     (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "unsupported architecture"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope scaling"),
+    (dict(rope_parameters=None, rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0}),  # v4 style
+     "rope scaling"),
     (dict(use_sliding_window=True), "sliding"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),
 ])
@@ -180,10 +179,10 @@ def test_unsupported_config(checkpoint, tmp_path, edit, message):
     folder = copy(checkpoint, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config.update(edit)
-    config.pop("rope_parameters", None) if "rope_scaling" in edit else None
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         make_engine(folder)
+    assert "config.json" in str(info.value)
 
 
 def test_config_missing_fields_and_invalid_json(checkpoint, tmp_path):

@@ -156,9 +156,10 @@ def expected_filtered(logits: torch.Tensor, temperature: float, top_k: int, top_
 @pytest.mark.parametrize("temperature,top_k,top_p,support", [
     (1.0, 4, 1.0, 4),
     (0.7, 3, 1.0, 3),
-    (1.0, 0, 0.6, None),
-    (1.5, 0, 0.8, None),
-    (0.7, 0, 0.5, None),
+    # top_p midway between two cumulative masses, so the kept prefix is unambiguous.
+    (1.0, 0, 0.52, 3),  # cumulative .26/.45/.59
+    (1.5, 0, 0.73, 6),  # cumulative ... .69/.77
+    (0.7, 0, 0.45, 2),  # cumulative .34/.56 (top_p sees the temperature-scaled distribution)
     (1.0, 100, 1.0, 12),  # top_k above the vocabulary keeps everything
 ])
 def test_top_k_and_top_p_restrict_support_and_renormalise(temperature, top_k, top_p, support):
@@ -382,19 +383,29 @@ def test_stop_string_on_sampled_text(engine):
 
 
 def test_stop_token_ids_end_at_first_occurrence(engine):
-    prompt = "The quick brown fox"
-    full = run(engine, [prompt], GREEDY)[0]
+    # The greedy candidate whose output switches to a new token id latest (greedy text repeats).
+    greedy = run(engine, CANDIDATES, GREEDY)
+
+    def switch(out):
+        return next((j for j, t in enumerate(out.token_ids) if t != out.token_ids[0]), -1)
+
+    prompt, full = max(zip(CANDIDATES, greedy), key=lambda x: switch(x[1]))
+    assert switch(full) > 0, "every greedy output repeats a single token"
     seeded = SamplingParams(temperature=1.0, seed=9, max_tokens=40, ignore_eos=True)
     full_sampled = run(engine, [prompt], seeded)[0]
     cases = [(GREEDY, full, full.token_ids[4]),  # the 5th generated token
-             (GREEDY, full, next(t for t in full.token_ids if t != full.token_ids[0])),  # first seen later
+             (GREEDY, full, full.token_ids[switch(full)]),  # first seen later in the output
              (seeded, full_sampled, full_sampled.token_ids[4])]
     for params, reference, stop_id in cases:
         out = run(engine, [prompt], SamplingParams(**{**params.__dict__, "stop_token_ids": [stop_id]}))[0]
         first = reference.token_ids.index(stop_id)
         assert out.finish_reason == "stop"
         assert out.token_ids == reference.token_ids[: first + 1]  # the stop token is kept
-    assert cases[1][1].token_ids.index(cases[1][2]) > 0
+    # Several stop ids: the first one sampled ends it.
+    ids = [full_sampled.token_ids[7], full_sampled.token_ids[3]]
+    out = run(engine, [prompt], SamplingParams(**{**seeded.__dict__, "stop_token_ids": ids}))[0]
+    first = min(full_sampled.token_ids.index(t) for t in ids)
+    assert out.finish_reason == "stop" and out.token_ids == full_sampled.token_ids[: first + 1]
 
 
 def test_max_tokens_gives_length(engine):
