@@ -308,15 +308,18 @@ def test_full_pool_preempts_newest_running_and_recomputes_it_later() -> None:
     d.add(2, 0, [5], max_tokens=4)
     assert len(d.schedule()[0]) == 3 and d.s.num_free_pages == 0
     d.update(0, [10 + rid for rid in d.sample_ids(0)])
+    d.add(3, 0, [7], max_tokens=4)
     # Request 0 needs a second page: the newest running request (2) gives its page up.
     batch = d.schedule()[0]
     assert [(q.request_id, q.start) for q in batch] == [(0, 2), (1, 1)]
-    assert d.s.num_preemptions == 1 and d.s.num_waiting == 1 and d.s.request_pages(2, 0) == []
+    assert d.s.num_preemptions == 1 and d.s.num_waiting == 2 and d.s.request_pages(2, 0) == []
     d.update(0, [20 + rid for rid in d.sample_ids(0)])
     d.abort(0)
-    # Recomputed from position 0 over its prompt and the token it sampled before preemption.
+    # Back ahead of the newer arrival (3), recomputed from position 0 over its prompt and the
+    # token it sampled before preemption.
     batch = d.schedule()[0]
     assert [(q.request_id, q.start, q.count) for q in batch] == [(1, 2, 1), (2, 0, 2)]
+    assert d.s.num_waiting == 1 and d.s.has_request(3)
     assert d.s.request_tokens(2, 0) == [5, 12]
     assert d.s.num_preemptions == 1
 
