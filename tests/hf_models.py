@@ -39,6 +39,13 @@ def save_tiny_qwen2(folder: Path, name: str, seed: int = 0, vocab_size: int = 16
     return folder
 
 
+def ragged_prompts_for(seed: int, count: int = 8, vocab: int = 160, lo: int = 1, hi: int = 48) -> list[list[int]]:
+    """`count` random prompts with lengths in [lo, hi)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (count,), generator=g).tolist()
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
 def hf_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
     from transformers import Qwen2ForCausalLM
 

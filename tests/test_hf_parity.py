@@ -5,17 +5,14 @@ import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
-from hf_models import CONFIGS, hf_greedy, save_tiny_qwen2
+from hf_models import CONFIGS, hf_greedy, ragged_prompts_for, save_tiny_qwen2
 from splitreason_engine import Engine, SamplingParams
 
 NEW_TOKENS = 64
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-def ragged_prompts(seed: int, count: int = 8, vocab: int = 160) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 48, (count,), generator=g).tolist()
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+ragged_prompts = ragged_prompts_for
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
