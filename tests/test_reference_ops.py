@@ -195,7 +195,7 @@ def test_rope_store_kv_matches_hf_and_writes_slots(theta, heads, page_tokens):
     q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
 
     cos_sin = rope_cos_sin(d, max_positions, theta, torch.float32, "cpu")
-    q_rot, k_rot = rope_store_kv_ref(torch.cat([q, k], dim=1), v, positions, cos_sin, k_cache, v_cache, slots)
+    q_rot, k_rot = rope_store_kv_ref(torch.cat([q, k], dim=1), v, cos_sin[positions], k_cache, v_cache, slots)
 
     q_hf, k_hf = hf_rope(q_in, k_in, positions, d, theta, hq, hkv)
     torch.testing.assert_close(q_rot, q_hf, atol=ATOL, rtol=RTOL)
@@ -223,8 +223,8 @@ def test_rope_store_kv_all_valid_or_all_padding(all_valid):
     slots = (torch.randperm(num_pages * page_tokens)[:n] if all_valid else torch.full((n,), -1)).to(torch.int32)
     k_cache, v_cache = torch.randn(num_pages, page_tokens, hkv, d), torch.randn(num_pages, page_tokens, hkv, d)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    q_rot, k_rot = rope_store_kv_ref(torch.cat([q, k], dim=1), v.clone(), positions,
-                                     rope_cos_sin(d, 128, 1e4, torch.float32, "cpu"), k_cache, v_cache, slots)
+    rope = rope_cos_sin(d, 128, 1e4, torch.float32, "cpu")[positions]
+    q_rot, k_rot = rope_store_kv_ref(torch.cat([q, k], dim=1), v.clone(), rope, k_cache, v_cache, slots)
     q_hf, k_hf = hf_rope(q, k, positions, d, 1e4, hq, hkv)
     torch.testing.assert_close(q_rot, q_hf, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(k_rot, k_hf, atol=ATOL, rtol=RTOL)
@@ -241,9 +241,11 @@ def test_rope_cos_sin_table_matches_hf():
     config = Qwen2Config(hidden_size=4 * d, num_attention_heads=4, num_key_value_heads=4, head_dim=d,
                          rope_theta=theta, max_position_embeddings=max_positions)
     cos, sin = Qwen2RotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), torch.arange(max_positions)[None])
-    assert table.shape == (max_positions, d)
-    torch.testing.assert_close(table[:, : d // 2], cos[0, :, : d // 2], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(table[:, d // 2:], sin[0, :, : d // 2], atol=ATOL, rtol=RTOL)
+    assert table.shape == (max_positions, 2, d)
+    half = d // 2
+    torch.testing.assert_close(table[:, 0], cos[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(table[:, 1, :half], -sin[0, :, :half], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(table[:, 1, half:], sin[0, :, half:], atol=ATOL, rtol=RTOL)
 
 
 # ---- norms and activation -------------------------------------------------------------------------

@@ -48,12 +48,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
         self.scale = c.head_dim ** -0.5
 
-    def forward(self, x, batch: AttentionBatch, cos_sin, k_cache, v_cache):
+    def forward(self, x, batch: AttentionBatch, rope, k_cache, v_cache):
         n = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, _ = rope_store_kv_ref(qk, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        q, _ = rope_store_kv_ref(qk, v, rope, k_cache, v_cache, batch.slot_mapping)
         d = batch.num_decodes
         if d == batch.seq_lens.shape[0]:
             out = paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)
@@ -85,12 +85,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, residual, batch, cos_sin, k_cache, v_cache):
+    def forward(self, x, residual, batch, rope, k_cache, v_cache):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, cos_sin, k_cache, v_cache)
+        x = self.self_attn(x, batch, rope, k_cache, v_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -120,8 +120,9 @@ class Qwen2ForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states [N, hidden] of every new token, before the final norm (applied in compute_logits)."""
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.cos_sin[batch.positions]  # once per step, shared by every layer
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, batch, self.cos_sin, k_cache, v_cache)
+            x, residual = layer(x, residual, batch, rope, k_cache, v_cache)
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
