@@ -101,3 +101,14 @@ def test_big_mode_without_big_model_is_rejected_per_prompt():
                            use_tqdm=False)
     assert outs[0].finish_reason == "error" and "big model" in outs[0].error
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 3
+
+
+def test_pool_sized_from_a_fraction_of_free_memory():
+    from splitreason_engine.kv_pool import available_bytes
+
+    free = available_bytes(__import__("torch").device("cpu"))
+    engine = Engine(kv_cache_memory_fraction=0.002, max_model_len=256, progress=False)
+    size = engine.pool.num_pages * engine.pool.page_bytes
+    assert 0.5 * 0.002 * free <= size <= 0.002 * free
+    assert engine.pool.capacity_tokens(0) == engine.pool.num_pages * 16
+    assert "waste 0 B/page" in engine.pool.describe()
