@@ -18,6 +18,9 @@ def machine() -> dict:
         pass
     info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
+    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    if l3.is_file():  # a model smaller than the last-level cache can beat the DRAM copy floor
+        info["l3_cache"] = l3.read_text().strip()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

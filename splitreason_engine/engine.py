@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _C
-from .config import ModelConfig, parse_dtype
+from .config import parse_dtype
 from .kv_pool import KVPool, available_bytes, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
@@ -81,14 +81,13 @@ class Engine:
         if big is not None:
             sources.append(ModelSource(Path(big), load_format))
         configs = [load_config(s) for s in sources]
-        self.tokenizer = self._load_tokenizer(sources, configs)
+        self.tokenizer = self._load_tokenizer(sources[0].folder)
         context = min(c.max_position_embeddings for c in configs)
         if max_model_len is None:
             max_model_len = context
         if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
             raise ValueError(f"max_model_len must be an integer in [2, {context}] (the models' context), got {max_model_len!r}")
         self.max_model_len = max_model_len
-        self.max_num_batched_tokens = max_num_batched_tokens
 
         self.models = [build_model(s, self.dtype, self.device, max_model_len, seed + i, progress)
                        for i, s in enumerate(sources)]
@@ -105,14 +104,14 @@ class Engine:
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
-        self.real_vocab = [self.tokenizer.vocab_size if self.tokenizer else c.vocab_size for c in configs]
-        self.real_vocab = [min(v, c.vocab_size) for v, c in zip(self.real_vocab, configs)]
+        # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.
+        self.real_vocab = [min(self.tokenizer.vocab_size, c.vocab_size) if self.tokenizer else c.vocab_size
+                           for c in configs]
 
     # ---- set-up -------------------------------------------------------------------------------
 
     @staticmethod
-    def _load_tokenizer(sources: list[ModelSource], configs: list[ModelConfig]) -> "Tokenizer | None":
-        folder = sources[0].folder
+    def _load_tokenizer(folder: Path) -> "Tokenizer | None":
         if not (folder / "tokenizer.json").is_file():
             logger.warning("%s has no tokenizer.json: prompts must be token ids", folder)
             return None
@@ -129,17 +128,16 @@ class Engine:
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         num_pages = kv_cache_bytes // page_bytes
-        pool = KVPool(configs, self.dtype, self.device, page_bytes, num_pages) if num_pages else None
         for i, c in enumerate(configs):
-            capacity = pool.capacity_tokens(i) if pool else 0
-            if capacity < self.max_model_len:
+            page_tokens_i = page_bytes // c.kv_bytes_per_token(self.dtype)
+            if num_pages * page_tokens_i < self.max_model_len:
                 raise ValueError(
                     f"KV pool too small for one request: {kv_cache_bytes} bytes = {num_pages} pages of "
-                    f"{page_bytes} bytes hold {capacity} tokens of model {i}, but max_model_len is "
-                    f"{self.max_model_len} (needs {-(-self.max_model_len // (page_bytes // c.kv_bytes_per_token(self.dtype)))} "
-                    "pages); raise kv_cache_bytes or lower max_model_len"
+                    f"{page_bytes} bytes hold {num_pages * page_tokens_i} tokens of model {i}, but max_model_len "
+                    f"is {self.max_model_len} (needs {-(-self.max_model_len // page_tokens_i)} pages); "
+                    "raise kv_cache_bytes or lower max_model_len"
                 )
-        return pool
+        return KVPool(configs, self.dtype, self.device, page_bytes, num_pages)
 
     # ---- requests -----------------------------------------------------------------------------
 
