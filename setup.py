@@ -50,9 +50,9 @@ class NinjaBuildExt(build_ext):
     """Writes a build.ninja for the extension and runs ninja (parallel, incremental builds)."""
 
     def build_extension(self, ext: Extension) -> None:
+        cxx = find_compiler()  # first: a missing compiler is the likeliest failure on a fresh machine
         import pybind11
 
-        cxx = find_compiler()
         build_dir = Path(self.build_temp).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         output = Path(self.get_ext_fullpath(ext.name)).resolve()

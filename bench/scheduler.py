@@ -8,34 +8,19 @@ us_per_step <= 50, so the scheduler stays small next to a GPU decode step.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from splitreason_engine import _C
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, write_json  # noqa: E402
+
+from splitreason_engine import _C  # noqa: E402
 
 TARGET_US = 50.0
-
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (the platform's processor string is often empty)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict[str, object]:
-    return {"node": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200, help="untimed decode steps before timing")
     p.add_argument("--steps", type=int, default=2000, help="timed decode steps")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and sampled tokens")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args()
     if args.prompt_max + args.warmup + args.steps >= args.max_model_len:
         p.error("prompt-max + warmup + steps must stay under max-model-len, or requests finish mid-run")
@@ -111,7 +96,7 @@ def main() -> None:
     args = parse_args()
     r = run(args)
     m = r["machine"]
-    print(f"machine: {m['node']} | {m['cpu']} | {m['cores']} cores | Python {m['python']}")
+    print(f"machine: {m['host']} | {m['cpu']} | {m['cores']} cores | Python {m['python']}")
     print(f"{args.num_requests} requests decoding, page_tokens {args.page_tokens}, prompts "
           f"{args.prompt_min}-{args.prompt_max}, {args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'per step':<28}{'mean us':>10}{'p50 us':>10}{'p99 us':>10}")
@@ -120,9 +105,7 @@ def main() -> None:
           f"{r['us_per_step_with_update_p50']:>10.2f}{r['us_per_step_with_update_p99']:>10.2f}")
     verdict = "meets" if r["us_per_step"] <= TARGET_US else "MISSES"
     print(f"target us_per_step <= {TARGET_US:.0f}: {verdict}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    write_json(args.json, r)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ Scheduler::Scheduler(const SchedulerConfig& config)
   for (int32_t page_tokens : config.page_tokens) {
     if (page_tokens <= 0) throw std::invalid_argument("Scheduler: page_tokens must be positive");
     const int32_t width = ceil_div(config.max_model_len, page_tokens);
+    // One request of max_model_len must fit alone, or preemption could never make progress.
+    if (config.num_pages < width)
+      throw std::invalid_argument("Scheduler: " + std::to_string(config.num_pages) + " pages of " +
+                                  std::to_string(page_tokens) + " tokens cannot hold max_model_len " +
+                                  std::to_string(config.max_model_len));
     max_pages_per_seq_.push_back(width);
     BatchBuffers b;
     b.input_ids.assign(tokens, 0);
@@ -90,6 +95,7 @@ void Scheduler::schedule() {
   for (auto& plan : plans_) plan.clear();
 
   // Running requests first, oldest first; make room by preempting the newest.
+  bool preempted = false;
   for (size_t i = 0; i < running_.size();) {
     Request* r = running_[i];
     View& view = r->views[r->model];
@@ -104,6 +110,7 @@ void Scheduler::schedule() {
       Request* victim = running_.back();
       running_.pop_back();
       preempt(victim);
+      preempted = true;
       if (victim == r) {
         self_preempted = true;
         break;
@@ -116,14 +123,20 @@ void Scheduler::schedule() {
     ++i;
   }
 
-  // Then admit waiting requests in arrival order while seats, budget and pages last.
-  while (!waiting_.empty() && static_cast<int32_t>(running_.size()) < config_.max_num_seqs) {
-    Request* r = waiting_.front();
+  // Then admit waiting requests in arrival order while seats, pages and each model's budget last;
+  // not in a step that had to preempt (the pages are short: admitting would only thrash).
+  for (auto it = waiting_.begin();
+       !preempted && it != waiting_.end() && static_cast<int32_t>(running_.size()) < config_.max_num_seqs;) {
+    Request* r = *it;
     View& view = r->views[r->model];
     const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
     const int32_t count = std::min(pending, budget[r->model]);
-    if (count == 0 || !reserve_pages(view, r->model, view.num_computed + count)) break;
-    waiting_.pop_front();
+    if (count == 0) {  // this model's batch is full; the other model's requests may still fit
+      ++it;
+      continue;
+    }
+    if (!reserve_pages(view, r->model, view.num_computed + count)) break;
+    it = waiting_.erase(it);
     r->status = Status::kRunning;
     running_.push_back(r);
     plans_[r->model].push_back({r, view.num_computed, count});

@@ -14,7 +14,7 @@
 
 namespace sre {
 
-enum class FinishReason : int32_t { kNone = 0, kStop = 1, kLength = 2, kAbort = 3 };
+enum class FinishReason : int32_t { kNone = 0, kStop = 1, kLength = 2 };
 enum class Status : int32_t { kWaiting = 0, kRunning = 1, kFinished = 2 };
 
 struct SchedulerConfig {

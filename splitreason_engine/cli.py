@@ -76,15 +76,20 @@ def sampling_from_args(args) -> SamplingParams:
                           ignore_eos=args.ignore_eos, logprobs=args.logprobs, mode=args.mode)
 
 
+# Control characters other than newline and tab, shown as U+FFFD so model output cannot drive the terminal.
+_CONTROL = {c: 0xFFFD for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F)}
+
+
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_from_args(args)
     engine = engine_from_args(args)
     start = time.perf_counter()
     output = None
+    tty = sys.stdout.isatty()
     for event in engine.generate_stream([prompt], params):
         if not args.json:
-            sys.stdout.write(event.text)
+            sys.stdout.write(event.text.translate(_CONTROL) if tty else event.text)
             sys.stdout.flush()
         output = event.output or output
     elapsed = time.perf_counter() - start

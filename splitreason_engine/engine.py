@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -47,9 +47,17 @@ class _Request:
     detokenizer: "IncrementalDetokenizer | None" = None
     finish_reason: "str | None" = None
     stopped_by_string: bool = False
+    output: "RequestOutput | None" = None  # filled in when the request finishes
+    sent_tokens: int = 0  # how much a stream has already yielded
+    sent_text: int = 0
+
+    @property
+    def holdback(self) -> int:
+        """Trailing characters that could still start a stop string."""
+        return max((len(s) for s in self.params.stop), default=1) - 1
 
 
-Prompt = "str | list[int]"
+Prompt = Union[str, list[int]]
 
 
 class Engine:
@@ -67,7 +75,10 @@ class Engine:
                  kv_cache_memory_fraction: "float | None" = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: "int | None" = None, seed: int = 0,
                  progress: bool = True):
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}") from e
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available to PyTorch")
         self.dtype = parse_dtype(dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
@@ -104,6 +115,8 @@ class Engine:
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
+        eos = {t for c in configs for t in c.eos_token_ids} | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.eos_token_ids = sorted(eos)
         # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.
         self.real_vocab = [min(self.tokenizer.vocab_size, c.vocab_size) if self.tokenizer else c.vocab_size
                            for c in configs]
@@ -170,7 +183,7 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         stop_ids = list(params.stop_token_ids)
         if not params.ignore_eos:
-            stop_ids += list(self.tokenizer.eos_token_ids if self.tokenizer else self.models[model].config.eos_token_ids)
+            stop_ids += self.eos_token_ids
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         rid = self._next_id
@@ -181,9 +194,11 @@ class Engine:
         return rid
 
     def abort(self, request_id: int) -> None:
-        req = self._requests.pop(request_id, None)
+        """Ends a queued or running request now (finish_reason "abort") and frees its pages."""
+        req = self._requests.get(request_id)
         if req is not None:
             self.scheduler.finish(request_id)
+            self._finish(req, "abort", time.perf_counter())
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -191,15 +206,14 @@ class Engine:
     # ---- the step loop ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[_Request, list[int], str]]:
-        """One engine step: (request, new token ids, new text) for every request that advanced.
-
-        Finished requests have finish_reason set and are no longer tracked.
-        """
+    def step(self) -> int:
+        """One engine step over every queued request, whoever submitted it; returns how many
+        sequences ran (0: nothing to do). Results accumulate on the requests themselves."""
         self.scheduler.schedule()
-        events = []
+        ran = 0
         for m, runner in enumerate(self.runners):
             num_seqs, num_tokens, num_decodes, num_samples, width = self._counts[m].tolist()
+            ran += num_seqs
             if num_seqs == 0:
                 continue
             logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
@@ -215,74 +229,81 @@ class Engine:
             lp = logprobs.tolist() if logprobs is not None else None
             now = time.perf_counter()
             for k, (req, token) in enumerate(zip(reqs, tokens_np.tolist())):
-                events.append(self._advance(req, token, lp[k] if lp else None, finished.get(req.id), now))
-        return events
+                self._advance(req, token, lp[k] if lp else None, finished.get(req.id), now)
+        return ran
 
-    def _advance(self, req: _Request, token: int, logprob, reason, now: float):
+    def _advance(self, req: _Request, token: int, logprob, reason, now: float) -> None:
         req.tokens.append(token)
         if req.params.logprobs:
             req.logprobs.append(logprob)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
-        delta = ""
         if req.detokenizer is not None:
             delta = req.detokenizer.step(req.tokens)
             req.text += delta
-            if req.params.stop:
-                cut = self._find_stop(req, len(delta))
-                if cut is not None:
-                    delta = delta[: max(0, len(delta) - (len(req.text) - cut))]
-                    req.text = req.text[:cut]
-                    if reason is None:
-                        self.scheduler.finish(req.id)
-                    reason, req.stopped_by_string = "stop", True
+            cut = self._find_stop(req, len(delta)) if req.params.stop else None
+            if cut is not None:
+                req.text, req.stopped_by_string = req.text[:cut], True
+                if reason is None:
+                    self.scheduler.finish(req.id)
+                reason = "stop"
         if reason is not None:
             if req.detokenizer is not None and not req.stopped_by_string:
-                full = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
-                delta += full[len(req.text):]
-                req.text = full
-            req.finish_reason = reason
-            req.metrics.finished_time = now
-            req.metrics.num_generated_tokens = len(req.tokens)
-            del self._requests[req.id]
-        return req, [token], delta
+                req.text = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
+            self._finish(req, reason, now)
+
+    def _finish(self, req: _Request, reason: str, now: float) -> None:
+        req.finish_reason = reason
+        req.metrics.finished_time = now
+        req.metrics.num_generated_tokens = len(req.tokens)
+        del self._requests[req.id]
 
     @staticmethod
     def _find_stop(req: _Request, delta_len: int) -> "int | None":
         """Where the earliest stop string that ends in the new text starts, if any."""
-        longest = max(len(s) for s in req.params.stop)
-        start = max(0, len(req.text) - delta_len - longest + 1)
+        start = max(0, len(req.text) - delta_len - req.holdback)
         hits = [i for i in (req.text.find(s, start) for s in req.params.stop) if i >= 0]
         return min(hits) if hits else None
 
     # ---- front doors --------------------------------------------------------------------------
 
-    def _submit(self, prompts: Sequence[Prompt], params, stream: bool) -> tuple[list[RequestOutput], dict[int, int]]:
+    def _submit(self, prompts, params, stream: bool) -> tuple[list[RequestOutput], list[_Request]]:
+        """Queues every servable prompt; the others get an "error" output. On an unexpected
+        exception nothing stays queued."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None:
             params = SamplingParams()
-        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        outputs, live = [], {}
-        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
-            out = RequestOutput(index=i, prompt_token_ids=[])
-            try:
-                rid = self.add_request(prompt, p, index=i)
-            except ValueError as e:
-                logger.warning("prompt %d rejected: %s", i, e)
-                out.finish_reason, out.error = "error", str(e)
-            else:
+        bad = [type(p).__name__ for p in per_prompt if not isinstance(p, SamplingParams)]
+        if bad:
+            raise TypeError(f"params must be SamplingParams, got {bad[0]}")
+        outputs, reqs = [], []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+                out = RequestOutput(index=i, prompt_token_ids=[])
+                outputs.append(out)
+                try:
+                    rid = self.add_request(prompt, p, index=i)
+                except ValueError as e:
+                    logger.warning("prompt %d rejected: %s", i, e)
+                    out.finish_reason, out.error = "error", str(e)
+                    continue
                 req = self._requests[rid]
-                out.prompt_token_ids, out.metrics = req.prompt, req.metrics
+                req.output, out.prompt_token_ids, out.metrics = out, req.prompt, req.metrics
                 if (stream or p.stop) and self.tokenizer is not None:
                     req.detokenizer = IncrementalDetokenizer(self.tokenizer)
-                live[rid] = i
-            outputs.append(out)
-        return outputs, live
+                reqs.append(req)
+        except BaseException:
+            for req in reqs:
+                self.abort(req.id)
+            raise
+        return outputs, reqs
 
-    def _finalize(self, req: _Request, out: RequestOutput) -> None:
+    def _finalize(self, req: _Request) -> RequestOutput:
+        out = req.output
         out.token_ids = req.tokens
         out.finish_reason = req.finish_reason
         out.logprobs = req.logprobs if req.params.logprobs else None
@@ -290,48 +311,65 @@ class Engine:
             out.text = req.text
         elif self.tokenizer is not None:
             out.text = self.tokenizer.decode(req.tokens)
+        return out
+
+    def _step_for(self, pending: list[_Request]) -> None:
+        if self.step() == 0 and any(r.finish_reason is None for r in pending):
+            raise RuntimeError("engine stalled: requests are pending but nothing was scheduled")
 
     def generate_stream(self, prompts: "Prompt | Sequence[Prompt]",
                         params: "SamplingParams | Sequence[SamplingParams] | None" = None) -> Iterator[StreamEvent]:
-        """Yields each request's new tokens as the engine produces them; rejected prompts come
-        first as events whose output has finish_reason "error"."""
-        outputs, live = self._submit(prompts, params, stream=True)
+        """Yields each request's new tokens and text as the engine produces them; the event that
+        finishes a request carries its output. Rejected prompts come first, as events whose output
+        has finish_reason "error". Text that could still turn out to be part of a stop string is
+        held back until it cannot."""
+        outputs, pending = self._submit(prompts, params, stream=True)
         for out in outputs:
             if out.error:
                 yield StreamEvent(out.index, [], "", out)
         try:
-            while live:
-                for req, tokens, text in self.step():
-                    out = outputs[req.index] if req.id in live else None
-                    if out is None:
-                        continue
-                    if req.finish_reason is not None:
-                        self._finalize(req, out)
-                        del live[req.id]
-                    yield StreamEvent(req.index, tokens, text, out if out.finished else None)
+            while pending:
+                self._step_for(pending)
+                still = []
+                for req in pending:
+                    done = req.finish_reason is not None
+                    tokens = req.tokens[req.sent_tokens:]
+                    visible = len(req.text) if done else max(req.sent_text, len(req.text) - req.holdback)
+                    text = req.text[req.sent_text:visible]
+                    req.sent_tokens, req.sent_text = len(req.tokens), visible
+                    if tokens or done:
+                        yield StreamEvent(req.index, tokens, text, self._finalize(req) if done else None)
+                    if not done:
+                        still.append(req)
+                pending = still
         finally:
-            for rid in live:  # the consumer stopped early: free what is left
-                self.abort(rid)
+            for req in pending:  # the consumer stopped early: free what is left
+                self.abort(req.id)
 
     def generate(self, prompts: "Prompt | Sequence[Prompt]",
                  params: "SamplingParams | Sequence[SamplingParams] | None" = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in prompt order. A prompt that cannot
         be served gets finish_reason "error" and an `error` message; the others still run."""
-        outputs, live = self._submit(prompts, params, stream=False)
-        bar = tqdm(total=len(live), desc="generate", unit="req", disable=not use_tqdm or len(live) < 2)
-        generated = 0
-        start = time.perf_counter()
+        outputs, pending = self._submit(prompts, params, stream=False)
+        bar = tqdm(total=len(pending), desc="generate", unit="req", disable=not use_tqdm or len(pending) < 2)
+        start = last_postfix = time.perf_counter()
         try:
-            while live:
-                for req, tokens, _ in self.step():
-                    generated += len(tokens)
-                    if req.finish_reason is not None and req.id in live:
-                        self._finalize(req, outputs[live.pop(req.id)])
-                        bar.update(1)
-                bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False)
+            while pending:
+                self._step_for(pending)
+                still = [r for r in pending if r.finish_reason is None]
+                for req in pending:
+                    if req.finish_reason is not None:
+                        self._finalize(req)
+                bar.update(len(pending) - len(still))
+                pending = still
+                now = time.perf_counter()
+                if now - last_postfix > 0.5 and not bar.disable:
+                    generated = sum(len(o.token_ids) for o in outputs) + sum(len(r.tokens) for r in pending)
+                    bar.set_postfix(tok_s=f"{generated / (now - start):.0f}")
+                    last_postfix = now
         finally:
             bar.close()
-            for rid in live:
-                self.abort(rid)
+            for req in pending:
+                self.abort(req.id)
         return outputs

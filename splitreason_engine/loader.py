@@ -104,13 +104,18 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -
     """Copies every tensor of the checkpoint into `model`, checking names and shapes."""
     files = _weight_files(folder)
     loaded: set[str] = set()  # checkpoint names, without the "model." prefix
-    for file in tqdm(files, desc=f"loading {folder.name}", unit="shard", disable=not progress):
+    handles = []
+    for file in files:
         try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
+            handles.append((file, safe_open(str(file), framework="pt", device="cpu")))
         except Exception as e:  # safetensors raises its own error types for truncated headers
             raise ValueError(f"cannot read checkpoint file {file}: {e}") from e
+    bar = tqdm(total=sum(len(f.keys()) for _, f in handles), desc=f"loading {folder.name}", unit="tensor",
+               disable=not progress)
+    for file, handle in handles:
         with handle as f:
             for name in f.keys():
+                bar.update(1)
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -128,6 +133,7 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -
                     )
                 dest.copy_(tensor)
                 loaded.add(name.removeprefix("model."))
+    bar.close()
     missing = sorted(set(_checkpoint_names(model)) - loaded)
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:8])}"

@@ -32,8 +32,8 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """One prompt's result. `finish_reason` is "stop", "length", "abort" or "error" (then `error`
-    says why and no tokens were generated)."""
+    """One prompt's result. `finish_reason` is "stop", "length", "abort" (a stream closed early) or
+    "error" (then `error` says why and no tokens were generated)."""
 
     index: int
     prompt_token_ids: list[int]

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 MODES = ("small", "big")  # which model generates the request
+INT32_MAX = 2**31 - 1
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -38,24 +40,35 @@ class SamplingParams:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+        if not _is_number(self.temperature) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+        if not _is_int(self.top_k):
             raise ValueError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be an integer in [1, 2**31), got {self.max_tokens!r}")
+        if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+                not _is_int(t) or not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Temperatures this close to 0 would overflow the scaled logits: treat them as greedy."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _noise_seed(seed: int, index: int) -> int:
@@ -91,7 +104,7 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         # top-p measures mass within the top-k set, renormalised (as HF generate and vLLM do); keep
         # the smallest prefix whose mass reaches top_p (the token that crosses it stays).
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits
@@ -106,16 +119,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: l
     """
     if logits.shape[-1] > real_vocab:
         logits = logits[:, :real_vocab]
-    if all(p.greedy for p in params):
-        tokens = logits.argmax(dim=-1)
-    else:
+    greedy = [p.greedy for p in params]
+    tokens = logits.argmax(dim=-1)
+    if not all(greedy):
         device = logits.device
         temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-        top_k = torch.tensor([1 if p.greedy else p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
+        top_k = torch.tensor([0 if p.greedy else p.top_k for p in params], device=device)
+        top_p = torch.tensor([1.0 if p.greedy else p.top_p for p in params], device=device)
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
         noise = exponential_noise(logits.shape[-1], [p.seed for p in params], output_indices, generator, device)
-        tokens = (probs / noise).argmax(dim=-1)  # exponential race: P(i wins) = probs[i]
+        sampled = (probs / noise).argmax(dim=-1)  # exponential race: P(i wins) = probs[i]
+        tokens = torch.where(torch.tensor(greedy, device=device), tokens, sampled)
     logprobs = None
     if any(p.logprobs for p in params):
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

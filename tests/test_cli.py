@@ -43,6 +43,7 @@ def test_help_documents_every_option():
     (["--max-tokens", "0"], "max_tokens"),
     (["--small", "/nonexistent/model"], "/nonexistent/model"),
     (["--max-model-len", "8"], "too long"),
+    (["--device", "gpu"], "device"),
 ])
 def test_bad_input_exits_with_a_message(args, message):
     r = run("generate", "a prompt that is longer than eight tokens", *args)

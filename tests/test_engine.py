@@ -11,8 +11,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    small = save_tiny_qwen2(root / "small", "mha-tied-1e4", seed=1)  # 2 layers x 4 KV heads x 16
-    big = save_tiny_qwen2(root / "big", "gqa2-untied-1e6", seed=2, num_layers=3)  # 3 x 2 x 64
+    # KV bytes per token: small 2 layers x 2 x 2 heads x 20 x 4 B = 640, big 3 x 2 x 2 x 32 x 4 B = 1536;
+    # a 16-token big page holds 38 small tokens with 256 B left over.
+    small = save_tiny_qwen2(root / "small", "gqa2-h80-untied", seed=1)
+    big = save_tiny_qwen2(root / "big", "gqa2-untied-1e6", seed=2, num_layers=3)
     return small, big
 
 
@@ -22,7 +24,8 @@ def test_two_models_share_one_pool_with_their_own_geometry(pair):
     small_g, big_g = engine.pool.geometries
     assert big_g.page_tokens == 16 and big_g.waste_bytes_per_page == 0
     assert small_g.page_bytes == big_g.page_bytes == engine.pool.page_bytes
-    assert small_g.page_tokens == engine.pool.page_bytes // small_g.kv_bytes_per_token
+    assert small_g.page_tokens == engine.pool.page_bytes // small_g.kv_bytes_per_token == 38
+    assert small_g.waste_bytes_per_page == 256
     assert small_g.page_tokens * small_g.kv_bytes_per_token + small_g.waste_bytes_per_page == engine.pool.page_bytes
 
 
@@ -112,3 +115,53 @@ def test_pool_sized_from_a_fraction_of_free_memory():
     assert 0.5 * 0.002 * free <= size <= 0.002 * free
     assert engine.pool.capacity_tokens(0) == engine.pool.num_pages * 16
     assert "waste 0 B/page" in engine.pool.describe()
+
+
+def test_stream_with_stop_strings_never_shows_the_stop_text():
+    engine = Engine(kv_cache_bytes=1 << 24, progress=False)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    [plain] = engine.generate(["stop strings"], params, use_tqdm=False)
+    stop = plain.text[len(plain.text) // 2: len(plain.text) // 2 + 3]
+    assert len(stop) == 3
+    stopping = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])
+    streamed, final = "", None
+    for event in engine.generate_stream(["stop strings"], stopping):
+        streamed += event.text
+        final = event.output or final
+    assert final.finish_reason == "stop"
+    assert streamed == final.text == plain.text[: plain.text.index(stop)]
+
+
+def test_interleaved_callers_all_finish():
+    """A generate() call that steps another caller's stream must not lose that stream's tokens."""
+    engine = Engine(kv_cache_bytes=1 << 24, progress=False)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    [alone] = engine.generate(["stream A"], params, use_tqdm=False)
+    stream = engine.generate_stream(["stream A"], params)
+    tokens = list(next(stream).token_ids)
+    others = engine.generate(["call B", "call C"], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+                             use_tqdm=False)
+    assert all(len(o.token_ids) == 60 for o in others)
+    for event in stream:
+        tokens += event.token_ids
+    assert tokens == alone.token_ids
+    assert not engine.has_unfinished() and engine.scheduler.num_free_pages == engine.pool.num_pages
+
+
+def test_unexpected_errors_leave_nothing_queued():
+    engine = Engine(kv_cache_bytes=1 << 24, progress=False)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.generate(["a", "b"], [SamplingParams(), {"max_tokens": 3}], use_tqdm=False)
+    assert not engine.has_unfinished() and engine.scheduler.num_waiting == 0
+
+
+def test_eos_from_config_when_the_tokenizer_has_none(tmp_path):
+    import shutil
+
+    from splitreason_engine.engine import default_model_path
+
+    folder = tmp_path / "no-eos-in-tokenizer"
+    shutil.copytree(default_model_path(), folder)
+    (folder / "tokenizer_config.json").unlink()
+    engine = Engine(folder, load_format="dummy", kv_cache_bytes=1 << 24, progress=False)
+    assert engine.eos_token_ids == [256]

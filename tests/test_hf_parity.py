@@ -112,10 +112,19 @@ def test_mixed_batch_prefill_chunks_and_decodes_match_single_runs(tiny_checkpoin
         assert out.token_ids == single.token_ids
 
 
-def test_bf16_and_fp16_load_and_run(tiny_checkpoints):
-    folder = tiny_checkpoints["mha-tied-1e4"]
-    for dtype in ("bfloat16", "float16"):
-        engine = Engine(folder, dtype=dtype, kv_cache_bytes=1 << 22, progress=False)
-        assert engine.models[0].embed_tokens.weight.dtype == getattr(torch, dtype)
-        [out] = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-        assert len(out.token_ids) == 8 and all(0 <= t < 160 for t in out.token_ids)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_track_hf(tiny_checkpoints, dtype):
+    """In bf16 / fp16 the prefill logits stay within half-precision error of HF in the same dtype."""
+    folder = tiny_checkpoints["gqa2-untied-1e6"]
+    prompt = ragged_prompts(13, count=1)[0] + [4, 5]
+    engine = Engine(folder, dtype=dtype, kv_cache_bytes=1 << 22, progress=False)
+    assert engine.models[0].embed_tokens.weight.dtype == dtype
+    capture = _LogitCapture(engine.models[0])
+    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    hf = Qwen2ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0, -1].float()
+    ours = capture.seen[0][0]
+    scale = expected.abs().max().item()
+    assert (ours - expected).abs().max().item() <= 0.03 * scale
+    assert ours.argmax() == expected.argmax()

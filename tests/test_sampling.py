@@ -430,3 +430,13 @@ def test_ignore_eos(engine):
         assert stopped.finish_reason == "stop"
         assert stopped.token_ids == o.token_ids[: first + 1]
         assert stopped.text == engine.tokenizer.decode(o.token_ids[:first])  # EOS is special: not in the text
+
+
+def test_tiny_positive_temperature_is_greedy():
+    engine = Engine(kv_cache_bytes=1 << 24, progress=False)
+    prompts = ["tiny temperature", "another"]
+    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    tiny = engine.generate(prompts, [SamplingParams(temperature=1e-40, max_tokens=16, ignore_eos=True),
+                                     SamplingParams(temperature=1e-6, max_tokens=16, ignore_eos=True, seed=3)],
+                           use_tqdm=False)
+    assert [o.token_ids for o in tiny] == [o.token_ids for o in greedy]

@@ -365,3 +365,9 @@ def test_page_allocator_refcounts() -> None:
         a.refcount(4)
     with pytest.raises(ValueError):
         _C.PageAllocator(0)
+
+
+def test_constructor_rejects_a_pool_that_cannot_hold_one_full_request():
+    with pytest.raises(ValueError, match="cannot hold max_model_len"):
+        _C.Scheduler(3, 4, 64, 64, [16])  # 64 tokens need 4 pages of 16
+    assert _C.Scheduler(4, 4, 64, 64, [16]).num_models == 1

@@ -26,6 +26,10 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [B, W]
     num_decodes: int  # the first num_decodes sequences have one new token each
 
+    def __post_init__(self):
+        # The extend part's offsets, rebased to its first token: computed once, used by every layer.
+        self.extend_query_start_loc = self.query_start_loc[self.num_decodes:] - self.num_decodes
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
@@ -63,7 +67,7 @@ class Attention(nn.Module):
                 out[:d] = paged_decode_attention_ref(q[:d], k_cache, v_cache, batch.block_tables[:d],
                                                      batch.seq_lens[:d], self.scale)
             out[d:] = paged_extend_attention_ref(q[d:], k_cache, v_cache, batch.block_tables[d:],
-                                                 batch.query_start_loc[d:] - d, batch.seq_lens[d:], self.scale)
+                                                 batch.extend_query_start_loc, batch.seq_lens[d:], self.scale)
         return self.o_proj(out.view(n, self.q_size))
 
 
