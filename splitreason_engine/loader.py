@@ -140,14 +140,16 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -
                          + (" ..." if len(missing) > 8 else ""))
 
 
-def init_dummy_weights(model: Qwen2ForCausalLM, seed: int, std: float = 0.02) -> None:
-    """Random weights at the real shapes: normal(0, std) matrices, unit norms, zero-mean biases."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for name, p in model.named_parameters():
+def init_dummy_weights(model: Qwen2ForCausalLM, seed: int, std: float = 0.02, progress: bool = True) -> None:
+    """Random weights at the real shapes, drawn on the model's device (the same seed gives the same
+    weights on the same kind of device): normal(0, std) matrices and biases, unit norms."""
+    params = list(model.named_parameters())
+    g = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    for name, p in tqdm(params, desc="random weights", unit="tensor", disable=not progress):
         if name.endswith("layernorm.weight") or name == "norm.weight":
             p.data.fill_(1.0)
         else:
-            p.data.copy_(torch.randn(p.shape, generator=g) * std)
+            p.data.normal_(0.0, std, generator=g)
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
@@ -160,7 +162,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, m
     model = model.to_empty(device=device)
     model.tie_weights()
     if source.load_format == "dummy":
-        init_dummy_weights(model, seed)
+        init_dummy_weights(model, seed, progress=progress)
     else:
         load_weights(model, source.folder, progress)
     model.init_rope()
