@@ -24,9 +24,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def token_to_id(self, token: str) -> "int | None":
-        return self._tok.token_to_id(token)
-
 
 def _eos_ids(folder: Path, tok: _HFTokenizer) -> tuple[int, ...]:
     """EOS from generation_config.json if present, else tokenizer_config.json's eos_token."""
