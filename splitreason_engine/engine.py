@@ -352,22 +352,23 @@ class Engine:
         """Runs every prompt to completion; outputs come back in prompt order. A prompt that cannot
         be served gets finish_reason "error" and an `error` message; the others still run."""
         outputs, pending = self._submit(prompts, params, stream=False)
-        bar = tqdm(total=len(pending), desc="generate", unit="req", disable=not use_tqdm or len(pending) < 2)
-        start = last_postfix = time.perf_counter()
+        # A bar in tokens: its total is the token budget, shrunk as requests stop early.
+        budget = sum(r.params.max_tokens for r in pending)
+        bar = tqdm(total=budget, desc="generate", unit="tok", disable=not use_tqdm or budget < 256)
         try:
             while pending:
                 self._step_for(pending)
-                still = [r for r in pending if r.finish_reason is None]
+                still = []
                 for req in pending:
-                    if req.finish_reason is not None:
-                        self._finalize(req)
-                bar.update(len(pending) - len(still))
+                    if req.finish_reason is None:
+                        still.append(req)
+                        continue
+                    self._finalize(req)
+                    bar.total -= req.params.max_tokens - len(req.tokens)
                 pending = still
-                now = time.perf_counter()
-                if now - last_postfix > 0.5 and not bar.disable:
-                    generated = sum(len(o.token_ids) for o in outputs) + sum(len(r.tokens) for r in pending)
-                    bar.set_postfix(tok_s=f"{generated / (now - start):.0f}")
-                    last_postfix = now
+                if not bar.disable:
+                    bar.n = sum(len(o.token_ids) for o in outputs) + sum(len(r.tokens) for r in pending)
+                    bar.update(0)
         finally:
             bar.close()
             for req in pending:

@@ -165,3 +165,13 @@ def test_eos_from_config_when_the_tokenizer_has_none(tmp_path):
     (folder / "tokenizer_config.json").unlink()
     engine = Engine(folder, load_format="dummy", kv_cache_bytes=1 << 24, progress=False)
     assert engine.eos_token_ids == [256]
+
+
+def test_long_generate_shows_a_token_progress_bar_that_completes(capsys):
+    engine = Engine(kv_cache_bytes=1 << 24, progress=False)
+    engine.generate(["bar one", "bar two"], [SamplingParams(max_tokens=200, ignore_eos=True),
+                                             SamplingParams(max_tokens=200, ignore_eos=True, stop_token_ids=[5, 7, 9])])
+    err = capsys.readouterr().err
+    assert "generate" in err and "tok" in err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in final
