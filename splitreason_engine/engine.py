@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import _C
 from .config import parse_dtype
-from .kv_pool import KVPool, available_bytes, page_bytes_for
+from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .runner import ModelRunner
@@ -37,7 +37,6 @@ def default_model_path() -> Path:
 class _Request:
     id: int
     index: int
-    model: int
     prompt: list[int]
     params: SamplingParams
     metrics: RequestMetrics
@@ -100,8 +99,8 @@ class Engine:
             raise ValueError(f"max_model_len must be an integer in [2, {context}] (the models' context), got {max_model_len!r}")
         self.max_model_len = max_model_len
 
-        self.models = [build_model(s, self.dtype, self.device, max_model_len, seed + i, progress)
-                       for i, s in enumerate(sources)]
+        self.models = [build_model(s, c, self.dtype, self.device, max_model_len, seed + i, progress)
+                       for i, (s, c) in enumerate(zip(sources, configs))]
         self.pool = self._build_pool(configs, page_tokens, kv_cache_bytes, kv_cache_memory_fraction)
         logger.info("KV pool: %s", self.pool.describe())
         self.scheduler = _C.Scheduler(self.pool.num_pages, max_num_seqs, max_num_batched_tokens, max_model_len,
@@ -142,12 +141,12 @@ class Engine:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         num_pages = kv_cache_bytes // page_bytes
         for i, c in enumerate(configs):
-            page_tokens_i = page_bytes // c.kv_bytes_per_token(self.dtype)
-            if num_pages * page_tokens_i < self.max_model_len:
+            per_page = geometry(c, self.dtype, page_bytes).page_tokens
+            if num_pages * per_page < self.max_model_len:
                 raise ValueError(
                     f"KV pool too small for one request: {kv_cache_bytes} bytes = {num_pages} pages of "
-                    f"{page_bytes} bytes hold {num_pages * page_tokens_i} tokens of model {i}, but max_model_len "
-                    f"is {self.max_model_len} (needs {-(-self.max_model_len // page_tokens_i)} pages); "
+                    f"{page_bytes} bytes hold {num_pages * per_page} tokens of model {i}, but max_model_len "
+                    f"is {self.max_model_len} (needs {-(-self.max_model_len // per_page)} pages); "
                     "raise kv_cache_bytes or lower max_model_len"
                 )
         return KVPool(configs, self.dtype, self.device, page_bytes, num_pages)
@@ -189,7 +188,7 @@ class Engine:
         rid = self._next_id
         self._next_id += 1
         self.scheduler.add_request(rid, model, ids, params.max_tokens, stop_ids)
-        self._requests[rid] = _Request(rid, index, model, ids, params,
+        self._requests[rid] = _Request(rid, index, ids, params,
                                        RequestMetrics(time.perf_counter(), num_prompt_tokens=len(ids)))
         return rid
 

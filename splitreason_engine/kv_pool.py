@@ -5,15 +5,11 @@ all of its layers ([layers, 2, page_tokens, kv_heads, head_dim]); the rest of th
 Page ids are global, so a page freed by one model is usable by the other at once.
 """
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class ModelGeometry:
@@ -28,6 +24,12 @@ class ModelGeometry:
     @property
     def waste_fraction(self) -> float:
         return self.waste_bytes_per_page / self.page_bytes
+
+
+def geometry(config: ModelConfig, dtype: torch.dtype, page_bytes: int) -> ModelGeometry:
+    """How `config`'s model fills a page of `page_bytes`."""
+    per_token = config.kv_bytes_per_token(dtype)
+    return ModelGeometry(page_bytes // per_token, per_token, page_bytes)
 
 
 def page_bytes_for(configs: list[ModelConfig], dtype: torch.dtype, page_tokens: int) -> int:
@@ -53,20 +55,16 @@ class KVPool:
                  page_bytes: int, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"KV pool of {num_pages} pages: the budget is smaller than one page of {page_bytes} bytes")
-        self.dtype, self.device = dtype, device
         self.page_bytes, self.num_pages = page_bytes, num_pages
         elem = torch.empty((), dtype=dtype).element_size()
         self.arena = torch.zeros(num_pages, page_bytes // elem, dtype=dtype, device=device)
-        self.geometries: list[ModelGeometry] = []
+        self.geometries = [geometry(c, dtype, page_bytes) for c in configs]
         self.kv_caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for c in configs:
-            per_token = c.kv_bytes_per_token(dtype)
-            tokens = page_bytes // per_token
-            if tokens < 1:
-                raise ValueError(f"page of {page_bytes} bytes cannot hold one token ({per_token} bytes)")
-            self.geometries.append(ModelGeometry(tokens, per_token, page_bytes))
-            used = tokens * per_token // elem
-            view = self.arena[:, :used].view(num_pages, c.num_layers, 2, tokens, c.num_kv_heads, c.head_dim)
+        for c, g in zip(configs, self.geometries):
+            if g.page_tokens < 1:
+                raise ValueError(f"page of {page_bytes} bytes cannot hold one token ({g.kv_bytes_per_token} bytes)")
+            used = g.page_tokens * g.kv_bytes_per_token // elem
+            view = self.arena[:, :used].view(num_pages, c.num_layers, 2, g.page_tokens, c.num_kv_heads, c.head_dim)
             self.kv_caches.append([(view[:, l, 0], view[:, l, 1]) for l in range(c.num_layers)])
 
     def capacity_tokens(self, model: int) -> int:

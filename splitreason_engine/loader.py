@@ -15,9 +15,9 @@ from .models.qwen2 import Qwen2ForCausalLM
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-# Checkpoint tensors that are stored separately but computed fused: name -> (fused name, shard index).
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# Projections computed as one matmul but stored as separate checkpoint tensors, in row order.
+_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_FUSED = {part: (fused, i) for fused, parts in _PARTS.items() for i, part in enumerate(parts)}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -89,12 +89,11 @@ def _shard_slice(model: Qwen2ForCausalLM, param_name: str, shard: int) -> slice:
 
 def _checkpoint_names(model: Qwen2ForCausalLM) -> list[str]:
     """Every tensor name a checkpoint must hold for `model` (without "model."), fused ones split."""
-    unfused = {fused: [part for part, (f, _) in _FUSED.items() if f == fused] for fused, _ in _FUSED.values()}
     names = []
     for name, _ in model.named_parameters():
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in unfused:
-            names += [".".join(parts[:-2] + [part, parts[-1]]) for part in unfused[parts[-2]]]
+        *prefix, module, kind = name.split(".")
+        if module in _PARTS:
+            names += [".".join([*prefix, part, kind]) for part in _PARTS[module]]
         elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):
             names.append(name)
     return names
@@ -152,11 +151,11 @@ def init_dummy_weights(model: Qwen2ForCausalLM, seed: int, std: float = 0.02, pr
             p.data.normal_(0.0, std, generator=g)
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
-                seed: int = 0, progress: bool = True) -> Qwen2ForCausalLM:
+def build_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                max_positions: int, seed: int = 0, progress: bool = True) -> Qwen2ForCausalLM:
+    """`config` is load_config(source), read once by the caller."""
     if source.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {source.load_format!r}")
-    config = load_config(source)
     with torch.device("meta"):  # no time spent on initialisations that get overwritten
         model = Qwen2ForCausalLM(config, max_positions).to(dtype)
     model = model.to_empty(device=device)
