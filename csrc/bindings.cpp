@@ -51,13 +51,11 @@ PYBIND11_MODULE(_C, m) {
            py::arg("max_model_len"), py::arg("page_tokens"))
       .def_property_readonly("num_models", &Scheduler::num_models)
       .def("max_pages_per_seq", &Scheduler::max_pages_per_seq)
-      .def("add_request", &Scheduler::add_request, py::arg("id"), py::arg("model"), py::arg("prompt"),
-           py::arg("max_tokens"), py::arg("stop_ids"))
+      .def("add_request", &Scheduler::add_request, py::arg("id"), py::arg("views"), py::arg("runs"))
       .def("schedule", &Scheduler::schedule)
-      .def("update",
-           [](Scheduler& s, int32_t model, py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {
-             return s.update(model, sampled.data(), static_cast<int32_t>(sampled.size()));
-           })
+      .def("append", &Scheduler::append, py::arg("id"), py::arg("model"), py::arg("tokens"))
+      .def("truncate", &Scheduler::truncate, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
+      .def("set_run", &Scheduler::set_run, py::arg("id"), py::arg("model"), py::arg("run"))
       .def("finish", &Scheduler::finish, py::arg("id"))
       .def("buffers",
            [](py::object self, int32_t model) {
@@ -75,20 +73,28 @@ PYBIND11_MODULE(_C, m) {
              return d;
            })
       .def("counts", [](py::object self) { return view(self.cast<Scheduler&>().counts(), self); })
-      .def("finished_ids", [](py::object self) { return view(self.cast<Scheduler&>().finished_ids(), self); })
-      .def("finished_reasons",
-           [](py::object self) { return view(self.cast<Scheduler&>().finished_reasons(), self); })
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_free_pages", &Scheduler::num_free_pages)
       .def_property_readonly("num_preemptions", &Scheduler::num_preemptions)
+      .def_property_readonly("num_view_drops", &Scheduler::num_view_drops)
       .def("pages_held", &Scheduler::pages_held)
       .def("has_request", &Scheduler::has_request)
+      .def("view_size", [](const Scheduler& s, int64_t id, int32_t model) {
+        return static_cast<int32_t>(s.request(id).views.at(model).tokens.size()); })
+      .def("view_computed", [](const Scheduler& s, int64_t id, int32_t model) { return s.request(id).views.at(model).num_computed; })
+      .def("view_stats",
+           [](const Scheduler& s, int64_t id, int32_t model) {
+             const sre::View& v = s.request(id).views.at(model);
+             return py::make_tuple(v.peak_pages, v.num_processed);
+           },
+           "(peak pages held, tokens processed including recomputation) of one view")
       .def("request_pages", [](const Scheduler& s, int64_t id, int32_t model) { return s.request(id).views.at(model).pages; })
       .def("request_tokens", [](const Scheduler& s, int64_t id, int32_t model) { return s.request(id).views.at(model).tokens; })
       .def("check_invariants", &Scheduler::check_invariants);
 
   m.attr("NUM_COUNT_FIELDS") = static_cast<int>(sre::kNumCountFields);
-  m.attr("FINISH_STOP") = static_cast<int>(sre::FinishReason::kStop);
-  m.attr("FINISH_LENGTH") = static_cast<int>(sre::FinishReason::kLength);
+  m.attr("RUN_IDLE") = static_cast<int>(sre::Run::kIdle);
+  m.attr("RUN_FOREGROUND") = static_cast<int>(sre::Run::kForeground);
+  m.attr("RUN_BACKGROUND") = static_cast<int>(sre::Run::kBackground);
 }

@@ -19,14 +19,11 @@ Scheduler::Scheduler(const SchedulerConfig& config)
     throw std::invalid_argument("Scheduler: max_num_seqs, max_num_batched_tokens and max_model_len must be positive");
   const int32_t seqs = config.max_num_seqs;
   const int32_t tokens = config.max_num_batched_tokens;
+  int32_t one_request = 0;
   for (int32_t page_tokens : config.page_tokens) {
     if (page_tokens <= 0) throw std::invalid_argument("Scheduler: page_tokens must be positive");
     const int32_t width = ceil_div(config.max_model_len, page_tokens);
-    // One request of max_model_len must fit alone, or preemption could never make progress.
-    if (config.num_pages < width)
-      throw std::invalid_argument("Scheduler: " + std::to_string(config.num_pages) + " pages of " +
-                                  std::to_string(page_tokens) + " tokens cannot hold max_model_len " +
-                                  std::to_string(config.max_model_len));
+    one_request += width;
     max_pages_per_seq_.push_back(width);
     BatchBuffers b;
     b.input_ids.assign(tokens, 0);
@@ -40,46 +37,92 @@ Scheduler::Scheduler(const SchedulerConfig& config)
     b.sample_request_ids.assign(seqs, -1);
     buffers_.push_back(std::move(b));
   }
+  // One request with every view at max_model_len must fit alone, or preemption could stall.
+  if (config.num_pages < one_request)
+    throw std::invalid_argument("Scheduler: " + std::to_string(config.num_pages) +
+                                " pages cannot hold one request of max_model_len " +
+                                std::to_string(config.max_model_len) + " in every model's view (needs " +
+                                std::to_string(one_request) + ")");
   plans_.resize(num_models());
   counts_.assign(static_cast<size_t>(num_models()) * kNumCountFields, 0);
-  finished_ids_.assign(seqs, -1);
-  finished_reasons_.assign(seqs, 0);
   running_.reserve(seqs);
 }
 
-void Scheduler::add_request(int64_t id, int32_t model, const std::vector<int32_t>& prompt,
-                            int32_t max_tokens, const std::vector<int32_t>& stop_ids) {
+void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>& views,
+                            const std::vector<int32_t>& runs) {
   if (requests_.count(id)) throw std::invalid_argument("request id " + std::to_string(id) + " already exists");
-  if (model < 0 || model >= num_models()) throw std::invalid_argument("model index out of range");
-  if (prompt.empty()) throw std::invalid_argument("empty prompt");
-  if (static_cast<int32_t>(prompt.size()) >= config_.max_model_len)
-    throw std::invalid_argument("prompt of " + std::to_string(prompt.size()) +
-                                " tokens leaves no room under max_model_len " +
-                                std::to_string(config_.max_model_len));
-  if (max_tokens < 1) throw std::invalid_argument("max_tokens must be at least 1");
+  if (static_cast<int32_t>(views.size()) != num_models() || static_cast<int32_t>(runs.size()) != num_models())
+    throw std::invalid_argument("add_request: need one view and one run state per model");
   auto request = std::make_unique<Request>();
   request->id = id;
-  request->model = model;
-  request->max_tokens = max_tokens;
-  request->stop_ids = stop_ids;
   request->views.resize(num_models());
-  request->views[model].tokens = prompt;
+  bool runnable = false;
+  for (int32_t m = 0; m < num_models(); ++m) {
+    if (static_cast<int32_t>(views[m].size()) >= config_.max_model_len)
+      throw std::invalid_argument("prompt of " + std::to_string(views[m].size()) +
+                                  " tokens leaves no room under max_model_len " +
+                                  std::to_string(config_.max_model_len));
+    if (runs[m] < 0 || runs[m] > 2) throw std::invalid_argument("add_request: bad run state");
+    request->views[m].tokens = views[m];
+    request->views[m].run = static_cast<Run>(runs[m]);
+    runnable |= request->views[m].run == Run::kForeground && !views[m].empty();
+  }
+  if (!runnable) throw std::invalid_argument("add_request: no foreground view has tokens");
   waiting_.push_back(request.get());
   requests_.emplace(id, std::move(request));
+}
+
+Request& Scheduler::lookup(int64_t id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) throw std::out_of_range("unknown request id " + std::to_string(id));
+  return *it->second;
+}
+
+View& Scheduler::view_of(int64_t id, int32_t model) {
+  if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
+  return lookup(id).views[model];
+}
+
+void Scheduler::append(int64_t id, int32_t model, const std::vector<int32_t>& tokens) {
+  View& view = view_of(id, model);
+  if (view.tokens.size() + tokens.size() > static_cast<size_t>(config_.max_model_len))
+    throw std::invalid_argument("append: view would exceed max_model_len " + std::to_string(config_.max_model_len));
+  view.tokens.insert(view.tokens.end(), tokens.begin(), tokens.end());
+}
+
+void Scheduler::truncate(int64_t id, int32_t model, int32_t num_tokens) {
+  View& view = view_of(id, model);
+  if (num_tokens < 0 || num_tokens > static_cast<int32_t>(view.tokens.size()))
+    throw std::invalid_argument("truncate: " + std::to_string(num_tokens) + " is not within the view's " +
+                                std::to_string(view.tokens.size()) + " tokens");
+  view.tokens.resize(num_tokens);
+  view.num_computed = std::min(view.num_computed, num_tokens);
+  const int32_t keep = ceil_div(view.num_computed, config_.page_tokens[model]);
+  for (size_t k = keep; k < view.pages.size(); ++k) allocator_.release(view.pages[k]);
+  view.pages.resize(std::min<size_t>(keep, view.pages.size()));
+}
+
+void Scheduler::set_run(int64_t id, int32_t model, int32_t run) {
+  if (run < 0 || run > 2) throw std::invalid_argument("set_run: bad run state " + std::to_string(run));
+  view_of(id, model).run = static_cast<Run>(run);
 }
 
 bool Scheduler::reserve_pages(View& view, int32_t model, int32_t num_tokens) {
   const int32_t need = ceil_div(num_tokens, config_.page_tokens[model]) -
                        static_cast<int32_t>(view.pages.size());
-  return need <= 0 || allocator_.allocate(need, view.pages);
+  if (need > 0 && !allocator_.allocate(need, view.pages)) return false;
+  view.peak_pages = std::max(view.peak_pages, static_cast<int32_t>(view.pages.size()));
+  return true;
+}
+
+void Scheduler::drop_view(View& view) {
+  for (int32_t page : view.pages) allocator_.release(page);
+  view.pages.clear();
+  view.num_computed = 0;
 }
 
 void Scheduler::release_views(Request* request) {
-  for (View& view : request->views) {
-    for (int32_t page : view.pages) allocator_.release(page);
-    view.pages.clear();
-    view.num_computed = 0;
-  }
+  for (View& view : request->views) drop_view(view);
 }
 
 void Scheduler::preempt(Request* request) {
@@ -90,59 +133,94 @@ void Scheduler::preempt(Request* request) {
   ++num_preemptions_;
 }
 
+void Scheduler::plan(Request* r, int32_t model, int32_t count, bool sample, std::vector<int32_t>& budget) {
+  plans_[model].push_back({r, r->views[model].num_computed, count, sample});
+  budget[model] -= count;
+}
+
+void Scheduler::unplan(const Request* r) {
+  for (auto& plan : plans_)
+    plan.erase(std::remove_if(plan.begin(), plan.end(), [r](const Entry& e) { return e.request == r; }), plan.end());
+}
+
+bool Scheduler::make_room(const Request* r) {
+  // First the KV of views nobody is reading now (a big view during a small segment): it is
+  // recomputed at the next handoff. Newest requests first.
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it)
+    for (View& view : (*it)->views)
+      if (view.run != Run::kForeground && !view.pages.empty()) {
+        drop_view(view);
+        ++num_view_drops_;
+        return true;
+      }
+  // Then whole requests, newest first.
+  Request* victim = running_.back();
+  running_.pop_back();
+  unplan(victim);
+  preempt(victim);
+  return victim != r;
+}
+
+bool Scheduler::plan_foreground(Request* r, std::vector<int32_t>& budget, bool may_evict) {
+  for (int32_t m = 0; m < num_models(); ++m) {
+    View& view = r->views[m];
+    if (view.run != Run::kForeground) continue;
+    const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
+    const int32_t count = std::min(pending, budget[m]);
+    if (count == 0) continue;
+    while (!reserve_pages(view, m, view.num_computed + count)) {
+      if (!may_evict || !make_room(r)) return false;
+    }
+    plan(r, m, count, view.num_computed + count == static_cast<int32_t>(view.tokens.size()), budget);
+  }
+  return true;
+}
+
 void Scheduler::schedule() {
   std::vector<int32_t> budget(num_models(), config_.max_num_batched_tokens);
   for (auto& plan : plans_) plan.clear();
 
-  // Running requests first, oldest first; make room by preempting the newest.
-  bool preempted = false;
-  for (size_t i = 0; i < running_.size();) {
-    Request* r = running_[i];
-    View& view = r->views[r->model];
-    const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
-    const int32_t count = std::min(pending, budget[r->model]);
-    if (count == 0) {
-      ++i;
-      continue;
-    }
-    bool self_preempted = false;
-    while (!reserve_pages(view, r->model, view.num_computed + count)) {
-      Request* victim = running_.back();
-      running_.pop_back();
-      preempt(victim);
-      preempted = true;
-      if (victim == r) {
-        self_preempted = true;
-        break;
-      }
-    }
-    if (self_preempted) break;
-    plans_[r->model].push_back({r, view.num_computed, count});
-    view.num_computed += count;
-    budget[r->model] -= count;
-    ++i;
-  }
+  // Running requests first, oldest first; make room by dropping idle views, then preempting.
+  const int64_t preemptions_before = num_preemptions_;
+  for (size_t i = 0; i < running_.size(); ++i)
+    if (!plan_foreground(running_[i], budget, /*may_evict=*/true)) break;  // it preempted itself
+  const bool preempted = num_preemptions_ != preemptions_before;
 
-  // Then admit waiting requests in arrival order while seats, pages and each model's budget last;
-  // not in a step that had to preempt (the pages are short: admitting would only thrash).
+  // Then admit waiting requests in arrival order while seats, pages and budget last; not in a
+  // step that had to preempt (the pages are short: admitting would only thrash).
   for (auto it = waiting_.begin();
        !preempted && it != waiting_.end() && static_cast<int32_t>(running_.size()) < config_.max_num_seqs;) {
     Request* r = *it;
-    View& view = r->views[r->model];
-    const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
-    const int32_t count = std::min(pending, budget[r->model]);
-    if (count == 0) {  // this model's batch is full; the other model's requests may still fit
+    bool fits = false;  // some foreground view has work its model's batch can take
+    for (int32_t m = 0; m < num_models(); ++m) {
+      const View& v = r->views[m];
+      fits |= v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed && budget[m] > 0;
+    }
+    if (!fits) {  // this model's batch is full; the other model's requests may still fit
       ++it;
       continue;
     }
-    if (!reserve_pages(view, r->model, view.num_computed + count)) break;
+    if (!plan_foreground(r, budget, /*may_evict=*/false)) {
+      for (const auto& plan : plans_)
+        for (const Entry& e : plan)
+          if (e.request == r) budget[&plan - plans_.data()] += e.count;
+      unplan(r);
+      release_views(r);
+      break;
+    }
     it = waiting_.erase(it);
     r->status = Status::kRunning;
     running_.push_back(r);
-    plans_[r->model].push_back({r, view.num_computed, count});
-    view.num_computed += count;
-    budget[r->model] -= count;
   }
+
+  // Background catch-up with whatever budget and pages are left; it never evicts.
+  for (Request* r : running_)
+    for (int32_t m = 0; m < num_models(); ++m) {
+      View& view = r->views[m];
+      const int32_t count = std::min(static_cast<int32_t>(view.tokens.size()) - view.num_computed, budget[m]);
+      if (view.run == Run::kBackground && count > 0 && reserve_pages(view, m, view.num_computed + count))
+        plan(r, m, count, /*sample=*/false, budget);
+    }
 
   for (int32_t m = 0; m < num_models(); ++m) fill(m, plans_[m]);
 }
@@ -159,7 +237,7 @@ void Scheduler::fill(int32_t model, std::vector<Entry>& plan) {
   int32_t num_tokens = 0, num_samples = 0;
   for (size_t j = 0; j < plan.size(); ++j) {
     const Entry& e = plan[j];
-    const View& view = e.request->views[model];
+    View& view = e.request->views[model];
     const int32_t* pages = view.pages.data();
     b.query_start_loc[j] = num_tokens;
     std::memcpy(&b.input_ids[num_tokens], view.tokens.data() + e.start, sizeof(int32_t) * e.count);
@@ -170,13 +248,15 @@ void Scheduler::fill(int32_t model, std::vector<Entry>& plan) {
     }
     num_tokens += e.count;
     const int32_t seq_len = e.start + e.count;
+    view.num_computed = seq_len;
+    view.num_processed += e.count;
     b.seq_lens[j] = seq_len;
     b.seq_request_ids[j] = e.request->id;
     int32_t* row = &b.block_tables[j * static_cast<size_t>(stride)];
     const int32_t used = ceil_div(seq_len, page_tokens);
     std::memcpy(row, pages, sizeof(int32_t) * used);
     std::fill(row + used, row + width, 0);
-    if (seq_len == static_cast<int32_t>(view.tokens.size())) {
+    if (e.sample) {
       b.logits_indices[num_samples] = num_tokens - 1;
       b.sample_request_ids[num_samples] = e.request->id;
       ++num_samples;
@@ -191,57 +271,17 @@ void Scheduler::fill(int32_t model, std::vector<Entry>& plan) {
   counts[kMaxPages] = width;
 }
 
-Request* Scheduler::lookup(int64_t id) {
-  auto it = requests_.find(id);
-  return it == requests_.end() ? nullptr : it->second.get();
-}
-
-int32_t Scheduler::update(int32_t model, const int32_t* sampled, int32_t num_sampled) {
-  if (model < 0 || model >= num_models()) throw std::invalid_argument("update: model index out of range");
-  const int32_t* counts = &counts_[model * kNumCountFields];
-  if (num_sampled != counts[kNumSamples])
-    throw std::invalid_argument("update: got " + std::to_string(num_sampled) + " tokens for " +
-                                std::to_string(counts[kNumSamples]) + " sample rows");
-  const BatchBuffers& b = buffers_[model];
-  int32_t num_finished = 0;
-  for (int32_t k = 0; k < num_sampled; ++k) {
-    Request* r = lookup(b.sample_request_ids[k]);
-    if (r == nullptr || r->status != Status::kRunning) continue;  // finished or aborted meanwhile
-    View& view = r->views[model];
-    const int32_t token = sampled[k];
-    view.tokens.push_back(token);
-    ++r->num_generated;
-    FinishReason reason = FinishReason::kNone;
-    if (std::find(r->stop_ids.begin(), r->stop_ids.end(), token) != r->stop_ids.end())
-      reason = FinishReason::kStop;
-    else if (r->num_generated >= r->max_tokens || static_cast<int32_t>(view.tokens.size()) >= config_.max_model_len)
-      reason = FinishReason::kLength;
-    if (reason != FinishReason::kNone) {
-      release_views(r);
-      r->status = Status::kFinished;
-      finished_ids_[num_finished] = r->id;
-      finished_reasons_[num_finished] = static_cast<int32_t>(reason);
-      ++num_finished;
-    }
-  }
-  if (num_finished > 0) {
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [](const Request* r) { return r->status == Status::kFinished; }),
-                   running_.end());
-    for (int32_t k = 0; k < num_finished; ++k) requests_.erase(finished_ids_[k]);
-  }
-  return num_finished;
-}
-
 bool Scheduler::finish(int64_t id) {
-  Request* r = lookup(id);
-  if (r == nullptr) return false;
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return false;
+  Request* r = it->second.get();
   release_views(r);
+  unplan(r);
   if (r->status == Status::kRunning)
     running_.erase(std::find(running_.begin(), running_.end(), r));
   else
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), r));
-  requests_.erase(id);
+  requests_.erase(it);
   return true;
 }
 
@@ -266,6 +306,10 @@ void Scheduler::check_invariants() const {
       const View& v = r.views[m];
       if (static_cast<int32_t>(v.pages.size()) < ceil_div(v.num_computed, config_.page_tokens[m]))
         throw std::logic_error("request " + std::to_string(r.id) + " computed tokens without pages");
+      if (v.num_computed > static_cast<int32_t>(v.tokens.size()))
+        throw std::logic_error("request " + std::to_string(r.id) + " computed past its tokens");
+      if (r.status == Status::kWaiting && !v.pages.empty())
+        throw std::logic_error("waiting request " + std::to_string(r.id) + " holds pages");
       for (int32_t page : v.pages) {
         ++holders[page];
         ++held;

@@ -1,8 +1,9 @@
 // Plans every engine step for every model over one shared page pool.
 //
 // The scheduler owns requests, their per-model views (token stream + KV pages), the waiting and
-// running queues, preemption, and the flat int32 arrays the model runner reads. Python hands it
-// token ids and reads back arrays; nothing here knows about tensors or text.
+// running queues, page-pressure policy, and the flat int32 arrays the model runners read. Python
+// decides what each view reads next (the SplitReason protocol needs text) and says so through
+// append / truncate / set_run; nothing here knows about tensors or text.
 #pragma once
 #include <cstdint>
 #include <deque>
@@ -14,8 +15,14 @@
 
 namespace sre {
 
-enum class FinishReason : int32_t { kNone = 0, kStop = 1, kLength = 2 };
-enum class Status : int32_t { kWaiting = 0, kRunning = 1, kFinished = 2 };
+enum class Status : int32_t { kWaiting = 0, kRunning = 1 };
+
+// How the planner treats a view.
+enum class Run : int32_t {
+  kIdle = 0,        // not scheduled; its KV may be dropped under page pressure
+  kForeground = 1,  // scheduled first, sampled when its last token is computed
+  kBackground = 2,  // catch-up with spare budget only; never sampled, never preempts; droppable
+};
 
 struct SchedulerConfig {
   int32_t num_pages = 0;
@@ -30,14 +37,13 @@ struct View {
   std::vector<int32_t> tokens;
   int32_t num_computed = 0;
   std::vector<int32_t> pages;
+  Run run = Run::kIdle;
+  int32_t peak_pages = 0;
+  int64_t num_processed = 0;  // tokens run through the model, recomputation included
 };
 
 struct Request {
   int64_t id = 0;
-  int32_t model = 0;  // the model that generates this request's next token
-  int32_t max_tokens = 0;
-  int32_t num_generated = 0;
-  std::vector<int32_t> stop_ids;
   std::vector<View> views;  // one per model
   Status status = Status::kWaiting;
 };
@@ -71,27 +77,27 @@ class Scheduler {
   int32_t max_pages_per_seq(int32_t model) const { return max_pages_per_seq_.at(model); }
   const SchedulerConfig& config() const { return config_; }
 
-  // `stop_ids` end the request when sampled (the caller includes EOS unless it is ignored).
-  void add_request(int64_t id, int32_t model, const std::vector<int32_t>& prompt, int32_t max_tokens,
-                   const std::vector<int32_t>& stop_ids);
+  // `views[m]` is model m's initial token stream (empty if unused), `runs[m]` its Run.
+  void add_request(int64_t id, const std::vector<std::vector<int32_t>>& views, const std::vector<int32_t>& runs);
   // Plans one step and fills every model's buffers and counts row.
   void schedule();
-  // Appends the tokens sampled for `model`'s batch (one per sample row); returns how many
-  // requests finished, listed in finished_ids / finished_reasons.
-  int32_t update(int32_t model, const int32_t* sampled, int32_t num_sampled);
-  // Ends a request early (a stop string, an abort); frees its pages. False if unknown.
+  // Appends tokens to a view (a sampled token, another model's text, a catch-up chunk).
+  void append(int64_t id, int32_t model, const std::vector<int32_t>& tokens);
+  // Rollback: keeps the first `num_tokens` tokens of a view and frees KV pages past them.
+  void truncate(int64_t id, int32_t model, int32_t num_tokens);
+  void set_run(int64_t id, int32_t model, int32_t run);
+  // Ends a request (finished, stopped, aborted); frees its pages. False if unknown.
   bool finish(int64_t id);
 
   BatchBuffers& buffers(int32_t model) { return buffers_.at(model); }
   std::vector<int32_t>& counts() { return counts_; }
-  std::vector<int64_t>& finished_ids() { return finished_ids_; }
-  std::vector<int32_t>& finished_reasons() { return finished_reasons_; }
 
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
   int32_t num_free_pages() const { return allocator_.num_free(); }
   int32_t pages_held(int32_t model) const;
   int64_t num_preemptions() const { return num_preemptions_; }
+  int64_t num_view_drops() const { return num_view_drops_; }
   bool has_request(int64_t id) const { return requests_.count(id) != 0; }
   const Request& request(int64_t id) const;
   // Throws std::logic_error when page ownership or queue membership is inconsistent.
@@ -102,13 +108,20 @@ class Scheduler {
     Request* request;
     int32_t start;  // first new token's position
     int32_t count;  // new tokens this step
+    bool sample;
   };
 
   bool reserve_pages(View& view, int32_t model, int32_t num_tokens);
+  bool plan_foreground(Request* r, std::vector<int32_t>& budget, bool may_evict);
+  void plan(Request* r, int32_t model, int32_t count, bool sample, std::vector<int32_t>& budget);
+  bool make_room(const Request* r);
+  void unplan(const Request* r);
+  void drop_view(View& view);
   void preempt(Request* request);
   void release_views(Request* request);
   void fill(int32_t model, std::vector<Entry>& plan);
-  Request* lookup(int64_t id);
+  Request& lookup(int64_t id);
+  View& view_of(int64_t id, int32_t model);
 
   SchedulerConfig config_;
   std::vector<int32_t> max_pages_per_seq_;
@@ -119,9 +132,8 @@ class Scheduler {
   std::vector<std::vector<Entry>> plans_;
   std::vector<BatchBuffers> buffers_;
   std::vector<int32_t> counts_;
-  std::vector<int64_t> finished_ids_;
-  std::vector<int32_t> finished_reasons_;
   int64_t num_preemptions_ = 0;
+  int64_t num_view_drops_ = 0;
 };
 
 }  // namespace sre

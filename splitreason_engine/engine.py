@@ -1,7 +1,8 @@
-"""The engine: loads the models, sizes the shared KV pool, and runs the step loop.
+"""The engine: loads both models, sizes the shared KV pool, and runs the step loop.
 
 Each step the C++ scheduler plans a batch per model and fills flat arrays; the runners execute
-them; the sampler picks tokens; the scheduler applies them (append, stop, free pages).
+them; the sampler picks tokens; each request's flow (protocol.py) decides what its views read
+next and tells the scheduler (append, truncate, foreground / background / idle).
 """
 
 import logging
@@ -19,13 +20,14 @@ from .config import parse_dtype
 from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
+from .protocol import BIG, CATCH_UP_POLICIES, SMALL, Flow, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .runner import ModelRunner
-from .sampling import MODES, SamplingParams, sample
+from .sampling import SamplingParams, sample
+from .stats import EngineStats
+from .tags import TagDetector, Tags, token_bytes
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-
-_FINISH_REASONS = {_C.FINISH_STOP: "stop", _C.FINISH_LENGTH: "length"}
 
 
 def default_model_path() -> Path:
@@ -40,7 +42,10 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     metrics: RequestMetrics
+    stop_ids: frozenset
+    flow: "Flow | None" = None
     tokens: list[int] = field(default_factory=list)
+    token_models: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # streamed text so far (only kept when streaming or matching stop strings)
     detokenizer: "IncrementalDetokenizer | None" = None
@@ -63,9 +68,11 @@ class Engine:
     """Both models, one KV pool, one step loop.
 
     small / big: a checkpoint folder (or a config.json path with load_format="dummy"); small
-    defaults to the embedded tiny model with random weights. KV memory is `kv_cache_bytes` if
-    given, else `kv_cache_memory_fraction` of the memory free after loading (defaults 0.9 on
-    CUDA, 0.05 on the host).
+    defaults to the embedded tiny model with random weights. The big model must use the small
+    model's tokenizer. KV memory is `kv_cache_bytes` if given, else `kv_cache_memory_fraction`
+    of the memory free after loading both models (defaults 0.9 on CUDA, 0.05 on the host).
+    `template` and `tags` configure the SplitReason protocol; `catch_up` is "lazy" (the big
+    model catches up at each handoff) or "eager" (in the background, with spare batch budget).
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
@@ -73,6 +80,7 @@ class Engine:
                  page_tokens: int = 16, kv_cache_bytes: "int | None" = None,
                  kv_cache_memory_fraction: "float | None" = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: "int | None" = None, seed: int = 0,
+                 template: "PromptTemplate | None" = None, tags: "Tags | None" = None, catch_up: str = "lazy",
                  progress: bool = True):
         try:
             self.device = torch.device(device)
@@ -85,6 +93,10 @@ class Engine:
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if catch_up not in CATCH_UP_POLICIES:
+            raise ValueError(f"catch_up must be one of {CATCH_UP_POLICIES}, got {catch_up!r}")
+        self.catch_up, self.seed = catch_up, seed
+        self.template, self.tags = template or PromptTemplate(), tags or Tags()
         if small is None:
             small, load_format = default_model_path(), "dummy"
         sources = [ModelSource(Path(small), load_format)]
@@ -92,6 +104,8 @@ class Engine:
             sources.append(ModelSource(Path(big), load_format))
         configs = [load_config(s) for s in sources]
         self.tokenizer = self._load_tokenizer(sources[0].folder)
+        if big is not None:
+            self._check_same_tokenizer(sources[1].folder)
         context = min(c.max_position_embeddings for c in configs)
         if max_model_len is None:
             max_model_len = context
@@ -109,8 +123,7 @@ class Engine:
                                     self.scheduler.max_pages_per_seq(i), self.device)
                         for i, m in enumerate(self.models)]
         self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
-        self._finished_ids = self.scheduler.finished_ids()
-        self._finished_reasons = self.scheduler.finished_reasons()
+        self.stats = EngineStats(len(self.models))
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
@@ -119,6 +132,10 @@ class Engine:
         # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.
         self.real_vocab = [min(self.tokenizer.vocab_size, c.vocab_size) if self.tokenizer else c.vocab_size
                            for c in configs]
+        self.detector = None
+        if self.tokenizer is not None:
+            self.tokenizer.keep_in_text(self.tags.all)
+            self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -128,6 +145,15 @@ class Engine:
             logger.warning("%s has no tokenizer.json: prompts must be token ids", folder)
             return None
         return Tokenizer(folder)
+
+    def _check_same_tokenizer(self, big_folder: Path) -> None:
+        """The protocol moves token ids between the models: their tokenizers must be one."""
+        big_tok = self._load_tokenizer(big_folder) if (big_folder / "tokenizer.json").is_file() else None
+        if big_tok is None:
+            return
+        if self.tokenizer is None or not self.tokenizer.same_vocabulary(big_tok):
+            raise ValueError(f"the big model's tokenizer ({big_folder / 'tokenizer.json'}) differs from the small "
+                             "model's: SplitReason passes token ids between them, so both must use the same tokenizer")
 
     def _build_pool(self, configs, page_tokens, kv_cache_bytes, fraction) -> KVPool:
         page_bytes = page_bytes_for(configs, self.dtype, page_tokens)
@@ -140,23 +166,23 @@ class Engine:
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         num_pages = kv_cache_bytes // page_bytes
-        for i, c in enumerate(configs):
-            per_page = geometry(c, self.dtype, page_bytes).page_tokens
-            if num_pages * per_page < self.max_model_len:
-                raise ValueError(
-                    f"KV pool too small for one request: {kv_cache_bytes} bytes = {num_pages} pages of "
-                    f"{page_bytes} bytes hold {num_pages * per_page} tokens of model {i}, but max_model_len "
-                    f"is {self.max_model_len} (needs {-(-self.max_model_len // per_page)} pages); "
-                    "raise kv_cache_bytes or lower max_model_len"
-                )
+        # One request may hold a full-length view in every model at once.
+        needed = sum(-(-self.max_model_len // geometry(c, self.dtype, page_bytes).page_tokens) for c in configs)
+        if num_pages < needed:
+            views = "a view in each model" if len(configs) > 1 else "its view"
+            raise ValueError(
+                f"KV pool too small for one request: {kv_cache_bytes} bytes = {num_pages} pages of {page_bytes} "
+                f"bytes, but one request of max_model_len {self.max_model_len} tokens with {views} needs "
+                f"{needed} pages; raise kv_cache_bytes or lower max_model_len")
         return KVPool(configs, self.dtype, self.device, page_bytes, num_pages)
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def _model_index(self, params: SamplingParams) -> int:
-        if params.mode == "big" and len(self.models) < 2:
-            raise ValueError("mode 'big' needs a big model: Engine(big=...)")
-        return MODES.index(params.mode)
+    def _mode(self, params: SamplingParams) -> str:
+        mode = params.mode or ("split" if len(self.models) > 1 else "small")
+        if mode != "small" and len(self.models) < 2:
+            raise ValueError(f"mode {mode!r} needs a big model: Engine(small=..., big=...)")
+        return mode
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -167,37 +193,60 @@ class Engine:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         return list(prompt)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> int:
-        """Queues one prompt; raises ValueError naming the problem if it cannot be served."""
-        ids = self._tokenize(prompt)
-        model = self._model_index(params)
-        vocab = self.real_vocab[model]
+    def _check_prompt(self, ids: list[int], vocab: int, what: str = "prompt") -> None:
         if not ids:
-            raise ValueError("empty prompt")
+            raise ValueError(f"empty {what}")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens is too long: this engine's context is "
+            raise ValueError(f"{what} of {len(ids)} tokens is too long: this engine's context is "
                              f"max_model_len={self.max_model_len} tokens, prompt plus at least one new token")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        stop_ids = list(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids += self.eos_token_ids
+            raise ValueError(f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> int:
+        """Queues one prompt; raises ValueError naming the problem if it cannot be served.
+
+        In split and random modes the prompt is the question, a string, put into the template."""
+        params.validate()
+        mode = self._mode(params)
+        vocab = min(self.real_vocab)
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         rid = self._next_id
+        metrics = RequestMetrics(time.perf_counter(), mode=mode)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
+        req = _Request(rid, index, [], params, metrics, stop_ids)
+        if mode in ("small", "big"):
+            model = SMALL if mode == "small" else BIG
+            req.prompt = self._tokenize(prompt)
+            self._check_prompt(req.prompt, self.real_vocab[model])
+            req.flow = SingleFlow(self, req, model)
+        else:
+            if not isinstance(prompt, str) or self.tokenizer is None:
+                raise ValueError(f"mode {mode!r} needs the question as a string (it is put into the prompt template)")
+            small_ids = self.tokenizer.encode(self.template.small(prompt), add_special_tokens=False)
+            big_ids = self.tokenizer.encode(self.template.big(prompt), add_special_tokens=False)
+            self._check_prompt(small_ids, vocab, "templated prompt")
+            self._check_prompt(big_ids, vocab, "templated prompt")
+            req.prompt = small_ids
+            if mode == "split":
+                req.flow = SplitFlow(self, req, small_ids, big_ids)
+            else:
+                seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid
+                req.flow = RandomFlow(self, req, small_ids, big_ids, seed)
+        metrics.num_prompt_tokens = len(req.prompt)
+        self.scheduler.add_request(rid, *req.flow.initial_views())
         self._next_id += 1
-        self.scheduler.add_request(rid, model, ids, params.max_tokens, stop_ids)
-        self._requests[rid] = _Request(rid, index, ids, params,
-                                       RequestMetrics(time.perf_counter(), num_prompt_tokens=len(ids)))
+        self._requests[rid] = req
         return rid
 
     def abort(self, request_id: int) -> None:
         """Ends a queued or running request now (finish_reason "abort") and frees its pages."""
         req = self._requests.get(request_id)
         if req is not None:
-            self.scheduler.finish(request_id)
-            self._finish(req, "abort", time.perf_counter())
+            self._end(req, "abort", time.perf_counter())
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -210,51 +259,81 @@ class Engine:
         sequences ran (0: nothing to do). Results accumulate on the requests themselves."""
         self.scheduler.schedule()
         ran = 0
+        sampled = []
         for m, runner in enumerate(self.runners):
             num_seqs, num_tokens, num_decodes, num_samples, width = self._counts[m].tolist()
             ran += num_seqs
             if num_seqs == 0:
                 continue
+            start = time.perf_counter()
             logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
-            if num_samples == 0:
-                continue
-            reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
-            tokens, logprobs = sample(logits, [r.params for r in reqs], [len(r.tokens) for r in reqs],
-                                      self._generator, self.real_vocab[m])
-            tokens_np = tokens.cpu().numpy()
-            num_finished = self.scheduler.update(m, tokens_np)
-            finished = {int(i): _FINISH_REASONS[int(r)] for i, r in
-                        zip(self._finished_ids[:num_finished], self._finished_reasons[:num_finished])}
-            lp = logprobs.tolist() if logprobs is not None else None
-            now = time.perf_counter()
-            for k, (req, token) in enumerate(zip(reqs, tokens_np.tolist())):
-                self._advance(req, token, lp[k] if lp else None, finished.get(req.id), now)
+            if num_samples > 0:
+                reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
+                tokens, logprobs = sample(logits, [r.params for r in reqs], [r.flow.next_index() for r in reqs],
+                                          self._generator, self.real_vocab[m])
+                sampled.append((m, reqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else None))
+            self.stats.model_time[m] += time.perf_counter() - start
+            self.stats.model_steps[m] += 1
+        # The small model's rows first: in a big segment they decide whether the big token
+        # sampled in the same step is still wanted.
+        now = time.perf_counter()
+        for m, reqs, tokens, logprobs in sampled:
+            for k, (req, token) in enumerate(zip(reqs, tokens)):
+                if req.finish_reason is None:
+                    req.flow.on_token(m, token, logprobs[k] if logprobs else None, now)
         return ran
 
-    def _advance(self, req: _Request, token: int, logprob, reason, now: float) -> None:
+    def _commit(self, req: _Request, token: int, model: int, logprob, now: float) -> bool:
+        """Adds one token to the request's output; False once the request has finished."""
         req.tokens.append(token)
+        req.token_models.append(model)
+        if model == BIG:
+            req.metrics.big_tokens += 1
+        else:
+            req.metrics.small_tokens += 1
         if req.params.logprobs:
             req.logprobs.append(logprob)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif len(req.tokens) >= req.params.max_tokens:
+            reason = "length"
         if req.detokenizer is not None:
             delta = req.detokenizer.step(req.tokens)
             req.text += delta
             cut = self._find_stop(req, len(delta)) if req.params.stop else None
             if cut is not None:
-                req.text, req.stopped_by_string = req.text[:cut], True
-                if reason is None:
-                    self.scheduler.finish(req.id)
-                reason = "stop"
+                req.text, req.stopped_by_string, reason = req.text[:cut], True, "stop"
         if reason is not None:
-            if req.detokenizer is not None and not req.stopped_by_string:
-                req.text = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
-            self._finish(req, reason, now)
+            self._end(req, reason, now)
+        return reason is None
 
-    def _finish(self, req: _Request, reason: str, now: float) -> None:
+    def _extend(self, req: _Request, model: int, tokens: list[int], now: float) -> bool:
+        """Appends tokens to one of the request's views; a view that reaches max_model_len ends
+        the request ("length"). False once the request has finished."""
+        if not tokens:
+            return True
+        if self.scheduler.view_size(req.id, model) + len(tokens) >= self.max_model_len:
+            self._end(req, "length", now)
+            return False
+        self.scheduler.append(req.id, model, tokens)
+        return True
+
+    def _end(self, req: _Request, reason: str, now: float) -> None:
+        """Finishes a request: final text, metrics, pages back to the pool."""
+        m = req.metrics
+        for model in range(len(self.models)):
+            m.peak_pages[model], m.tokens_processed[model] = self.scheduler.view_stats(req.id, model)
+        self.scheduler.finish(req.id)
+        req.flow.finish(now)
+        if req.detokenizer is not None and not req.stopped_by_string:
+            req.text = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
         req.finish_reason = reason
-        req.metrics.finished_time = now
-        req.metrics.num_generated_tokens = len(req.tokens)
+        m.finished_time = now
+        m.num_generated_tokens = len(req.tokens)
+        self.stats.add(m)
         del self._requests[req.id]
 
     @staticmethod
@@ -304,6 +383,7 @@ class Engine:
     def _finalize(self, req: _Request) -> RequestOutput:
         out = req.output
         out.token_ids = req.tokens
+        out.token_models = req.token_models
         out.finish_reason = req.finish_reason
         out.logprobs = req.logprobs if req.params.logprobs else None
         if req.detokenizer is not None:

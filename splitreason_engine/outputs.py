@@ -12,6 +12,19 @@ class RequestMetrics:
     finished_time: "float | None" = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    # SplitReason figures. Index 0 is the small model, 1 the big one.
+    mode: str = ""
+    small_tokens: int = 0  # output tokens written by the small model (forced close tags included)
+    big_tokens: int = 0  # output tokens written by the big model (offloaded)
+    handoffs: int = 0  # small -> big switches
+    catch_up_tokens: list[int] = field(default_factory=lambda: [0, 0])  # text a model read but did not write
+    tokens_processed: list[int] = field(default_factory=lambda: [0, 0])  # run through each model, recomputation included
+    rolled_back_tokens: int = 0  # generated ahead or tentatively, then discarded
+    small_time: float = 0.0  # wall seconds with the small model writing
+    big_time: float = 0.0  # wall seconds with the big model writing (first big token to segment end)
+    catch_up_time: float = 0.0  # wall seconds from a handoff to the first big token
+    handoff_latencies: list[float] = field(default_factory=list)  # each handoff: tag sampled -> first big token
+    peak_pages: list[int] = field(default_factory=lambda: [0, 0])  # most KV pages held at once, per model
 
     @property
     def time_to_first_token(self) -> "float | None":
@@ -29,6 +42,16 @@ class RequestMetrics:
         span = self.finished_time - self.first_token_time
         return (self.num_generated_tokens - 1) / span if span > 0 else None
 
+    @property
+    def offload_fraction(self) -> float:
+        total = self.small_tokens + self.big_tokens
+        return self.big_tokens / total if total else 0.0
+
+    @property
+    def latency_per_offloaded_token(self) -> "float | None":
+        """Wall time of the offloaded segments, handoffs included, per big-model token."""
+        return (self.catch_up_time + self.big_time) / self.big_tokens if self.big_tokens else None
+
 
 @dataclass
 class RequestOutput:
@@ -43,6 +66,17 @@ class RequestOutput:
     logprobs: "list[float] | None" = None
     error: "str | None" = None
     metrics: "RequestMetrics | None" = None
+    token_models: list[int] = field(default_factory=list)  # per token: 0 small model, 1 big model
+
+    def segments(self, decode) -> list[tuple[int, str]]:
+        """(model, text) runs of consecutive tokens from the same model, decoded with `decode`."""
+        runs: list[tuple[int, list[int]]] = []
+        for token, model in zip(self.token_ids, self.token_models):
+            if runs and runs[-1][0] == model:
+                runs[-1][1].append(token)
+            else:
+                runs.append((model, [token]))
+        return [(model, decode(ids)) for model, ids in runs]
 
     @property
     def finished(self) -> bool:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("small", "big")  # which model generates the request
+import math
+
+MODES = ("split", "small", "big", "random")  # SplitReason, either model alone, the random-switch baseline
 INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-5
 
@@ -19,9 +21,14 @@ class SamplingParams:
 
     temperature 0 is greedy. top_k <= 0 and top_p = 1 disable those filters. `stop` strings end
     the request when they appear in the text (they are cut from the returned text);
-    `stop_token_ids` end it when sampled (kept). `mode` picks the model that generates.
-    `logprobs` returns the log-probability, under the
-    model's unmodified distribution, of every chosen token.
+    `stop_token_ids` end it when sampled (kept). `logprobs` returns the log-probability, under the
+    model's unmodified distribution, of every chosen token. `logit_bias` ({token id: bias}, as in
+    the OpenAI API) is added to the logits of every model that samples for the request.
+
+    `mode`: "split" (the small model writes and hands `<bigmodel>` segments to the big one, at most
+    `max_offload_tokens` big tokens each), "small" or "big" alone, or "random" (each chunk of
+    `switch_chunk` tokens goes to the big model with probability 1 / (switch_ratio + 1), drawn
+    from `seed`). None means "split" on an engine with two models, else "small".
     """
 
     temperature: float = 1.0
@@ -33,13 +40,32 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
-    mode: str = "small"
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    mode: "str | None" = None
+    max_offload_tokens: int = 512
+    switch_ratio: float = 9.0
+    switch_chunk: int = 16
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.validate()
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field (also run when a request is queued)."""
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not _is_int(self.max_offload_tokens) or not 1 <= self.max_offload_tokens <= INT32_MAX:
+            raise ValueError(f"max_offload_tokens must be an integer >= 1, got {self.max_offload_tokens!r}")
+        if not _is_number(self.switch_ratio) or not 0 <= self.switch_ratio < math.inf:
+            raise ValueError(f"switch_ratio must be a finite number >= 0, got {self.switch_ratio!r}")
+        if not _is_int(self.switch_chunk) or not 1 <= self.switch_chunk <= INT32_MAX:
+            raise ValueError(f"switch_chunk must be an integer >= 1, got {self.switch_chunk!r}")
+        if not isinstance(self.logit_bias, dict) or any(
+                not _is_int(k) or not 0 <= k <= INT32_MAX or not _is_number(v) or not -100 <= v <= 100
+                for k, v in self.logit_bias.items()):
+            raise ValueError(f"logit_bias must map token ids to biases in [-100, 100], got {self.logit_bias!r}")
         if not _is_number(self.temperature) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
@@ -55,7 +81,6 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or any(
                 not _is_int(t) or not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
-        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +144,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: l
     """
     if logits.shape[-1] > real_vocab:
         logits = logits[:, :real_vocab]
+    biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
+    if biased:
+        unbiased = logits
+        logits = logits.clone()
+        for row, bias in biased:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+    else:
+        unbiased = logits
     greedy = [p.greedy for p in params]
     tokens = logits.argmax(dim=-1)
     if not all(greedy):
@@ -132,5 +166,5 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: l
         tokens = torch.where(torch.tensor(greedy, device=device), tokens, sampled)
     logprobs = None
     if any(p.logprobs for p in params):
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        logprobs = torch.log_softmax(unbiased, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens.to(torch.int32), logprobs

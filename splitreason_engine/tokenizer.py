@@ -17,12 +17,28 @@ class Tokenizer:
             raise ValueError(f"cannot read tokenizer {path}: {e}") from e
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids = _eos_ids(Path(folder), self._tok)
+        self._hidden = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    @property
+    def hf(self) -> _HFTokenizer:
+        return self._tok
+
+    def keep_in_text(self, strings) -> None:
+        """Special tokens spelled as one of `strings` (offload tags) stay visible in decoded text."""
+        keep = set(strings)
+        self._hidden = {i for i in self._hidden if self._tok.id_to_token(i) not in keep}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens` applies the tokenizer's post-processor (a BOS, for some); prompt
+        templates that spell their markers out pass False."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        """Text without special tokens (EOS, chat markers), except those kept by keep_in_text."""
+        return self._tok.decode([i for i in ids if i not in self._hidden], skip_special_tokens=False)
+
+    def same_vocabulary(self, other: "Tokenizer") -> bool:
+        return self._tok.get_vocab(with_added_tokens=True) == other._tok.get_vocab(with_added_tokens=True)
 
 
 def _eos_ids(folder: Path, tok: _HFTokenizer) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from hf_models import CONFIGS, hf_greedy, ragged_prompts_for, save_tiny_qwen2
-from splitreason_engine import Engine, SamplingParams
+from splitreason_engine import Engine, SamplingParams, _C
 
 NEW_TOKENS = 64
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -81,7 +81,7 @@ def test_prefill_and_decode_logits_match_hf(tiny_checkpoints, name):
 
     # Every position of a prefill: run the model directly over the engine's pool.
     runner = engine.runners[0]
-    engine.scheduler.add_request(999, 0, prompt, 1, [])
+    engine.scheduler.add_request(999, [prompt], [_C.RUN_FOREGROUND])
     engine.scheduler.schedule()
     num_seqs, num_tokens, num_decodes, _, width = engine.scheduler.counts()[:5].tolist()
     logits = _all_rows(runner, num_seqs, num_tokens, num_decodes, width)

@@ -283,7 +283,6 @@ def test_engine_logprobs_match_hf_log_softmax(hf_checkpoint):
     (dict(seed="7"), "seed"),
     (dict(seed=True), "seed"),
     (dict(mode="medium"), "mode"),
-    (dict(mode=None), "mode"),
     (dict(stop=[""]), "stop"),
     (dict(stop=[3]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),

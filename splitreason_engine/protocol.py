@@ -1,0 +1,348 @@
+"""The SplitReason protocol: the prompt template, and one flow object per request that decides
+what each model's view reads next.
+
+Views: the small view is the templated prompt (with the hint sentence) plus everything generated,
+tags included. The big view is the prompt without the hint, then, segment by segment, the small
+model's text with every tag removed and re-tokenized, and the big model's own tokens as written.
+
+Split mode, per request:
+- SMALL phase: the small model writes. When a token completes `<bigmodel>` the big view catches up
+  on the segment's text (only what it has not seen) and the big model takes over (BIG phase).
+- BIG phase: each big token is appended to both views; in the next step the small model reads it
+  (a shadow decode, batched with everything else) and samples its own next token, the *decision*.
+  A decision that completes a close tag ends the segment; one that may start a close tag (a text
+  tag spans tokens) starts a PROBE: the small model writes on alone until the close tag completes
+  (segment ends) or cannot (its probe tokens are rolled back and the big model goes on). A big
+  token sampled in the same step as a closing decision was generated ahead and is dropped.
+- `max_offload_tokens` big tokens end a segment with a forced close tag.
+Random mode: chunks of `switch_chunk` tokens, each written by the big model with probability
+1 / (switch_ratio + 1); the other view catches up on the raw tokens at a switch.
+
+Catch-up is `lazy` (at the handoff) or `eager` (the idle view is fed as text appears and computed
+in the background with spare budget, so a handoff has little left to prefill).
+"""
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import _C
+from .tags import CLOSE, OPEN
+
+if TYPE_CHECKING:
+    from .engine import Engine, _Request
+
+SMALL, BIG = 0, 1
+CATCH_UP_POLICIES = ("lazy", "eager")
+EAGER_SYNC_EVERY = 8  # small tokens between background catch-up syncs of the big view
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The split-mode prompt. `{hint}` is present only in the small model's copy."""
+
+    template: str = "<｜begin▁of▁sentence｜><｜User｜>{question}\n{hint}{terminating}<｜Assistant｜>\n<think>\n"
+    hint: str = "You always use <bigmodel>...</bigmodel> to mark parts of the reasoning process that are important.\n"
+    terminating: str = "\n Put your final answer within \\boxed{}."
+
+    def __post_init__(self):
+        if "{question}" not in self.template:
+            raise ValueError("prompt template needs a {question} field")
+
+    def small(self, question: str) -> str:
+        return self.template.format(question=question, hint=self.hint, terminating=self.terminating)
+
+    def big(self, question: str) -> str:
+        return self.template.format(question=question, hint="", terminating=self.terminating)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Flow:
+    """What one request's views read next, driven by the tokens sampled for it."""
+
+    def __init__(self, engine: "Engine", req: "_Request"):
+        self.engine, self.req = engine, req
+        self.sched = engine.scheduler
+        self.timer, self.since = "small", req.metrics.arrival_time
+
+    def initial_views(self) -> tuple[list[list[int]], list[int]]:
+        raise NotImplementedError
+
+    def on_token(self, model: int, token: int, logprob, now: float) -> None:
+        raise NotImplementedError
+
+    def next_index(self) -> int:
+        """The sampling-noise index of the next token sampled for this request."""
+        return len(self.req.tokens)
+
+    def finish(self, now: float) -> None:
+        self._time(self.timer, now)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _time(self, timer: str, now: float) -> None:
+        """Charges the time since the last switch to the current phase, then switches."""
+        m = self.req.metrics
+        setattr(m, f"{self.timer}_time", getattr(m, f"{self.timer}_time") + now - self.since)
+        self.timer, self.since = timer, now
+
+    def _idle_run(self) -> int:
+        return _C.RUN_BACKGROUND if self.engine.catch_up == "eager" else _C.RUN_IDLE
+
+    def _set_run(self, model: int, run: int) -> None:
+        self.sched.set_run(self.req.id, model, run)
+
+    def _ensure_pending(self, model: int) -> None:
+        """A view about to sample needs an uncomputed token: recompute its last one if fully caught up."""
+        rid = self.req.id
+        size = self.sched.view_size(rid, model)
+        if self.sched.view_computed(rid, model) == size:
+            last = self.sched.request_tokens(rid, model)[-1]
+            self.sched.truncate(rid, model, size - 1)
+            self.sched.append(rid, model, [last])
+
+
+class SingleFlow(Flow):
+    """`small` or `big` mode: one model, the prompt as given."""
+
+    def __init__(self, engine, req, model: int):
+        super().__init__(engine, req)
+        self.model = model
+        self.timer = "big" if model == BIG else "small"
+
+    def initial_views(self):
+        views = [[] for _ in self.engine.models]
+        runs = [_C.RUN_IDLE for _ in self.engine.models]
+        views[self.model], runs[self.model] = list(self.req.prompt), _C.RUN_FOREGROUND
+        return views, runs
+
+    def on_token(self, model, token, logprob, now):
+        e = self.engine
+        if e._commit(self.req, token, model, logprob, now):
+            e._extend(self.req, model, [token], now)
+
+
+class SplitFlow(Flow):
+    SMALL_PHASE, BIG_PHASE, PROBE = "small", "big", "probe"
+
+    def __init__(self, engine, req, small_ids: list[int], big_ids: list[int]):
+        super().__init__(engine, req)
+        self.small_ids, self.big_ids = small_ids, big_ids
+        self.detector, self.tags = engine.detector, engine.tags
+        self.phase = self.SMALL_PHASE
+        self.det = 0  # automaton state after the small view's generated text
+        self.seg_start = 0  # output index where the current small segment began
+        self.big_base = len(big_ids)  # big view length before the current segment's text
+        self.big_seg: list[int] = []  # the current segment's tokens already in the big view
+        self.held = None  # a big token waiting for the small model's decision on the previous one
+        self.outstanding = False  # a big token was appended and its decision has not come back
+        self.probe: list[tuple[int, object]] = []
+        self.probe_det, self.probe_len = 0, 0
+        self.seg_big = 0  # big tokens in the current segment
+        self.tag_time = 0.0
+
+    def initial_views(self):
+        return [self.small_ids, self.big_ids], [_C.RUN_FOREGROUND, self._idle_run()]
+
+    def next_index(self):
+        return len(self.req.tokens) + len(self.probe)
+
+    def on_token(self, model, token, logprob, now):
+        if model == SMALL:
+            {self.SMALL_PHASE: self._small_writes, self.BIG_PHASE: self._decide, self.PROBE: self._probe}[self.phase](
+                token, logprob, now)
+        elif self.phase == self.PROBE:
+            self.held = (token, logprob)
+        elif self.phase == self.SMALL_PHASE:
+            self.req.metrics.rolled_back_tokens += 1  # sampled in the step whose decision closed the segment
+        elif self.outstanding:
+            self.held = (token, logprob)
+            self._set_run(BIG, _C.RUN_IDLE)
+        else:
+            self._big_writes(token, logprob, now)
+
+    # ---- small segment ----------------------------------------------------------------------
+
+    def _small_writes(self, token, logprob, now):
+        e, req = self.engine, self.req
+        state, flags = self.detector.step(self.det, token)
+        if not e._commit(req, token, SMALL, logprob, now) or not e._extend(req, SMALL, [token], now):
+            return
+        self.det = state
+        if flags & OPEN:
+            self._handoff(now)
+        elif e.catch_up == "eager" and (len(req.tokens) - self.seg_start) % EAGER_SYNC_EVERY == 0:
+            self._sync_big(final=False, now=now)
+
+    def _sync_big(self, final: bool, now: float) -> bool:
+        """Brings the big view's copy of the current segment up to date: its text with the tags
+        removed, re-tokenized; tokens that no longer match are rolled back. Before the handoff
+        (eager mode) the text that may still become a tag or a character is held back."""
+        e, req = self.engine, self.req
+        text = e.tokenizer.decode(req.tokens[self.seg_start:])
+        if not final:
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - self.tags.partial_suffix(text)]
+        ids = e.tokenizer.encode(self.tags.strip(text), add_special_tokens=False)
+        common = _common_prefix(self.big_seg, ids)
+        if common < len(self.big_seg):
+            self.sched.truncate(req.id, BIG, self.big_base + common)
+            req.metrics.rolled_back_tokens += len(self.big_seg) - common
+        self.big_seg = ids
+        req.metrics.catch_up_tokens[BIG] += len(ids) - common
+        return e._extend(req, BIG, ids[common:], now)
+
+    def _handoff(self, now):
+        self.req.metrics.handoffs += 1
+        self.tag_time = now
+        self._time("catch_up", now)
+        if not self._sync_big(final=True, now=now):
+            return
+        self._ensure_pending(BIG)
+        self._set_run(SMALL, _C.RUN_IDLE)
+        self._set_run(BIG, _C.RUN_FOREGROUND)
+        self.phase, self.seg_big, self.outstanding, self.held = self.BIG_PHASE, 0, False, None
+
+    # ---- big segment ------------------------------------------------------------------------
+
+    def _big_writes(self, token, logprob, now):
+        e, req = self.engine, self.req
+        if self.seg_big == 0:
+            req.metrics.handoff_latencies.append(now - self.tag_time)
+            self._time("big", now)
+        if not (e._commit(req, token, BIG, logprob, now) and e._extend(req, BIG, [token], now)
+                and e._extend(req, SMALL, [token], now)):
+            return
+        req.metrics.catch_up_tokens[SMALL] += 1
+        self.det = self.detector.step(self.det, token)[0]
+        self.seg_big += 1
+        self._set_run(SMALL, _C.RUN_FOREGROUND)
+        self._set_run(BIG, _C.RUN_FOREGROUND)
+        self.outstanding = True
+        if self.seg_big >= req.params.max_offload_tokens:
+            close = e.tokenizer.encode(self.tags.close[0], add_special_tokens=False)
+            self._end_segment([(t, None) for t in close], in_small_view=False, now=now)
+
+    def _decide(self, token, logprob, now):
+        """The small model's next token after reading the newest big token."""
+        self.outstanding = False
+        state, flags = self.detector.step(self.det, token)
+        if flags & CLOSE:
+            self._end_segment([(token, logprob)], in_small_view=False, now=now)
+        elif self.detector.closing[state]:
+            self.phase, self.probe = self.PROBE, [(token, logprob)]
+            self.probe_det, self.probe_len = self.det, self.sched.view_size(self.req.id, SMALL)
+            self.det = state
+            self._set_run(BIG, _C.RUN_IDLE)
+            self.engine._extend(self.req, SMALL, [token], now)
+        elif self.held is not None:
+            held, self.held = self.held, None
+            self._big_writes(*held, now)
+
+    def _probe(self, token, logprob, now):
+        state, flags = self.detector.step(self.det, token)
+        if flags & CLOSE:
+            self.probe.append((token, logprob))
+            if self.engine._extend(self.req, SMALL, [token], now):
+                self.det = self.probe_det
+                self._end_segment(self.probe, in_small_view=True, now=now)
+        elif self.detector.closing[state] and len(self.probe) < self.detector.max_close_bytes:
+            self.probe.append((token, logprob))
+            self.det = state
+            self.engine._extend(self.req, SMALL, [token], now)
+        else:  # not a close tag after all: roll the probe back, the big model goes on
+            self.sched.truncate(self.req.id, SMALL, self.probe_len)
+            self.req.metrics.rolled_back_tokens += len(self.probe) + 1
+            self.det, self.probe, self.phase = self.probe_det, [], self.BIG_PHASE
+            self._set_run(BIG, _C.RUN_FOREGROUND)
+            if self.held is not None:
+                held, self.held = self.held, None
+                self._big_writes(*held, now)
+
+    def _end_segment(self, tokens, in_small_view: bool, now: float) -> None:
+        """The close tag (as the small model wrote it, or forced) ends the big segment."""
+        e, req = self.engine, self.req
+        self._time("small", now)
+        if self.held is not None:
+            req.metrics.rolled_back_tokens += 1
+        self.phase, self.outstanding, self.held, self.probe = self.SMALL_PHASE, False, None, []
+        self.seg_start = len(req.tokens)
+        for token, logprob in tokens:
+            state = self.detector.step(self.det, token)[0]
+            if not e._commit(req, token, SMALL, logprob, now):
+                return
+            if not in_small_view and not e._extend(req, SMALL, [token], now):
+                return
+            self.det = state
+        self._set_run(SMALL, _C.RUN_FOREGROUND)
+        self._set_run(BIG, self._idle_run())
+        self.big_base, self.big_seg = self.sched.view_size(req.id, BIG), []
+
+
+class RandomFlow(Flow):
+    """The random-switch baseline: each chunk's writer is drawn from the request's seed."""
+
+    def __init__(self, engine, req, small_ids: list[int], big_ids: list[int], seed: int):
+        super().__init__(engine, req)
+        self.small_ids, self.big_ids = small_ids, big_ids
+        self.rng = random.Random(seed)
+        self.big_probability = 1.0 / (req.params.switch_ratio + 1.0)
+        self.writer = self._draw()
+        self.synced = [0, 0]  # output tokens already appended to each view
+        self.awaiting_first_big = False
+        self.switch_time = 0.0
+        self.timer = "big" if self.writer == BIG else "small"
+
+    def _draw(self) -> int:
+        return BIG if self.rng.random() < self.big_probability else SMALL
+
+    def initial_views(self):
+        runs = [self._idle_run(), self._idle_run()]
+        runs[self.writer] = _C.RUN_FOREGROUND
+        return [self.small_ids, self.big_ids], runs
+
+    def on_token(self, model, token, logprob, now):
+        e, req = self.engine, self.req
+        if self.awaiting_first_big:
+            self.awaiting_first_big = False
+            req.metrics.handoff_latencies.append(now - self.switch_time)
+            self._time("big", now)
+        if not e._commit(req, token, model, logprob, now) or not e._extend(req, model, [token], now):
+            return
+        self.synced[model] = len(req.tokens)
+        other = 1 - model
+        if e.catch_up == "eager":
+            if not e._extend(req, other, [token], now):
+                return
+            self.synced[other] = len(req.tokens)
+            req.metrics.catch_up_tokens[other] += 1
+        if len(req.tokens) % req.params.switch_chunk == 0:
+            writer = self._draw()
+            if writer != model:
+                self._switch(writer, now)
+
+    def _switch(self, writer: int, now: float) -> None:
+        e, req = self.engine, self.req
+        missing = req.tokens[self.synced[writer]:]
+        if not e._extend(req, writer, missing, now):
+            return
+        req.metrics.catch_up_tokens[writer] += len(missing)
+        self.synced[writer] = len(req.tokens)
+        self._ensure_pending(writer)
+        self._set_run(writer, _C.RUN_FOREGROUND)
+        self._set_run(1 - writer, self._idle_run())
+        self.writer = writer
+        if writer == BIG:
+            req.metrics.handoffs += 1
+            self.awaiting_first_big, self.switch_time = True, now
+            self._time("catch_up", now)
+        else:
+            self._time("small", now)
