@@ -1,0 +1,198 @@
+"""A tiny random model pair for split-mode tests, and the protocol oracle.
+
+The pair shares a byte-level BPE tokenizer with a few merges, so the tags are several tokens and
+tokenize differently after a space (`<` vs `Ġ<`); a variant also defines the tags as single
+special tokens. The oracle is a plain implementation of the SplitReason protocol on Hugging Face
+models that recomputes every view from scratch for every token (no KV cache) and finds tags with
+Python byte-string search.
+"""
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from hf_models import save_tiny_qwen2
+from splitreason_engine.engine import default_model_path
+
+OPEN_TAGS = ("<bigmodel>",)
+CLOSE_TAGS = ("</bigmodel>", "<\\bigmodel>")
+MERGES = [("Ġ", "<"), ("Ġ<", "/"), ("<", "/"), ("b", "i"), ("bi", "g"), ("m", "o"), ("mo", "d"), ("mod", "e"),
+          ("mode", "l")]
+SMALL_VOCAB, BIG_VOCAB = 288, 320  # padded embedding rows differ, like 151936 vs 152064
+
+
+def write_tokenizer(folder: Path, special_tags: bool) -> None:
+    spec = json.loads((default_model_path() / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    next_id = len(vocab)  # merged tokens extend the byte vocabulary; added tokens come after them
+    for a, b in MERGES:
+        vocab[a + b] = next_id
+        next_id += 1
+    spec["model"]["merges"] = [f"{a} {b}" for a, b in MERGES]
+    for t in spec["added_tokens"]:
+        t["id"] = next_id
+        next_id += 1
+    if special_tags:
+        for tag in OPEN_TAGS[:1] + CLOSE_TAGS[:1]:
+            spec["added_tokens"].append(dict(id=next_id, content=tag, single_word=False, lstrip=False,
+                                             rstrip=False, normalized=False, special=True))
+            next_id += 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    shutil.copy(default_model_path() / "tokenizer_config.json", folder / "tokenizer_config.json")
+
+
+def save_pair(root: Path, special_tags: bool) -> tuple[Path, Path]:
+    """(small, big): 2 layers of hidden 64 and 3 layers of hidden 96, one tokenizer."""
+    small = save_tiny_qwen2(root / "small", "mha-tied-1e4", seed=11, vocab_size=SMALL_VOCAB, num_layers=2)
+    big = save_tiny_qwen2(root / "big", "gqa6-h96-tied", seed=12, vocab_size=BIG_VOCAB, num_layers=3)
+    for folder in (small, big):
+        write_tokenizer(folder, special_tags)
+    return small, big
+
+
+@dataclass
+class Request:
+    question: str
+    mode: str
+    max_tokens: int
+    logit_bias: dict = field(default_factory=dict)
+    max_offload_tokens: int = 512
+    switch_ratio: float = 1.0
+    switch_chunk: int = 16
+    seed: int = 0
+
+
+class Oracle:
+    """Greedy SplitReason on Hugging Face models, everything recomputed at every token."""
+
+    TEMPLATE = "<｜begin▁of▁sentence｜><｜User｜>{question}\n{hint}{terminating}<｜Assistant｜>\n<think>\n"
+    HINT = "You always use <bigmodel>...</bigmodel> to mark parts of the reasoning process that are important.\n"
+    TERMINATING = "\n Put your final answer within \\boxed{}."
+
+    def __init__(self, small: Path, big: Path):
+        from transformers import Qwen2ForCausalLM
+
+        self.models = [Qwen2ForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (small, big)]
+        self.tok = Tokenizer.from_file(str(small / "tokenizer.json"))
+        self.vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        added = {i: t for i, t in self.tok.get_added_tokens_decoder().items()}
+        self.hidden = {i for i, t in added.items() if t.special and t.content not in OPEN_TAGS + CLOSE_TAGS}
+        unbyte = {c: b for b, c in bytes_to_unicode().items()}
+        self.bytes = [added[i].content.encode() if i in added else bytes(unbyte[c] for c in self.tok.id_to_token(i))
+                      for i in range(self.vocab)]
+        self.eos = self.tok.token_to_id("<|endoftext|>")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in self.hidden], skip_special_tokens=False)
+
+    @torch.no_grad()
+    def next_token(self, model: int, view: list[int], bias: dict) -> int:
+        logits = self.models[model](torch.tensor([view])).logits[0, -1, :self.vocab].clone()
+        for token, b in bias.items():
+            logits[token] += b
+        return int(logits.argmax())
+
+    @staticmethod
+    def ends_tag(text: bytes, new: int, tags) -> bool:
+        """Whether a tag spelling ends within the last `new` bytes of `text`."""
+        return any(text.find(t.encode(), max(0, len(text) - new - len(t.encode()) + 1)) >= 0 for t in tags)
+
+    @staticmethod
+    def may_close(text: bytes) -> bool:
+        """The longest suffix of `text` that begins some tag is a proper prefix of a close tag."""
+        tags = [t.encode() for t in OPEN_TAGS + CLOSE_TAGS]
+        for n in range(min(len(text), max(map(len, tags))), 0, -1):
+            suffix = text[-n:]
+            if any(t.startswith(suffix) for t in tags):
+                return any(t.startswith(suffix) and len(t) > n for t in map(str.encode, CLOSE_TAGS))
+        return False
+
+    def run(self, r: Request) -> tuple[list[int], list[int]]:
+        """(token ids, writer of each token: 0 small, 1 big)."""
+        if r.mode in ("small", "big"):
+            view, m = self.encode(r.question), int(r.mode == "big")
+            out = []
+            while True:
+                t = self.next_token(m, view + out, r.logit_bias)
+                out.append(t)
+                if t == self.eos or len(out) >= r.max_tokens:
+                    return out, [m] * len(out)
+        small = self.encode(self.TEMPLATE.format(question=r.question, hint=self.HINT, terminating=self.TERMINATING))
+        big = self.encode(self.TEMPLATE.format(question=r.question, hint="", terminating=self.TERMINATING))
+        return self._random(r, small, big) if r.mode == "random" else self._split(r, small, big)
+
+    def _random(self, r, small, big):
+        rng = random.Random(r.seed)
+        draw = lambda: int(rng.random() < 1 / (r.switch_ratio + 1))  # noqa: E731
+        writer, out, who = draw(), [], []
+        while True:
+            t = self.next_token(writer, (small, big)[writer] + out, r.logit_bias)
+            out.append(t)
+            who.append(writer)
+            if t == self.eos or len(out) >= r.max_tokens:
+                return out, who
+            if len(out) % r.switch_chunk == 0:
+                writer = draw()
+
+    def _split(self, r, small, big):
+        out, who = [], []
+        gen = b""  # the small view's generated text, as bytes
+        seg_start = 0
+
+        def commit(t, m):
+            nonlocal gen
+            out.append(t)
+            who.append(m)
+            gen += self.bytes[t]
+            return t != self.eos and len(out) < r.max_tokens
+
+        while True:  # small segment
+            t = self.next_token(0, small + out, r.logit_bias)
+            if not commit(t, 0):
+                return out, who
+            if not self.ends_tag(gen, len(self.bytes[t]), OPEN_TAGS):
+                continue
+            text = self.decode(out[seg_start:])
+            for tag in OPEN_TAGS + CLOSE_TAGS:
+                text = text.replace(tag, "")
+            big += self.encode(text)
+            seg_big = 0
+            while True:  # big segment
+                b = self.next_token(1, big, r.logit_bias)
+                if not commit(b, 1):
+                    return out, who
+                big = big + [b]
+                seg_big += 1
+                if seg_big >= r.max_offload_tokens:
+                    seg_start = len(out)
+                    for t in self.encode(CLOSE_TAGS[0]):
+                        if not commit(t, 0):
+                            return out, who
+                    break
+                probe = []
+                while True:
+                    p = self.next_token(0, small + out + probe, r.logit_bias)
+                    text = gen + b"".join(self.bytes[t] for t in probe) + self.bytes[p]
+                    if self.ends_tag(text, len(self.bytes[p]), CLOSE_TAGS):
+                        probe.append(p)
+                        break
+                    if not self.may_close(text) or len(probe) + 1 > max(len(t) for t in CLOSE_TAGS):
+                        probe = None
+                        break
+                    probe.append(p)
+                if probe is not None:
+                    seg_start = len(out)
+                    for t in probe:
+                        if not commit(t, 0):
+                            return out, who
+                    break

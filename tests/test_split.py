@@ -1,0 +1,188 @@
+"""Split, random, small and big modes in one engine, token for token against the protocol oracle
+(tests/split_models.py: Hugging Face models, every view recomputed from scratch at every token).
+
+Handoffs are made frequent with logit_bias on the tag tokens and on `<` (which may start a close
+tag, so the small model probes and is rolled back, or completes `<` + `</bigmodel>`).
+"""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from split_models import Oracle, Request, save_pair, write_tokenizer
+from splitreason_engine import Engine, SamplingParams
+
+PAGE_BYTES = 16 * 1024  # 16 tokens of the small model (2 layers x K,V x 4 heads x 16 dims x 4 bytes)
+QUESTIONS = ["What is 2+2?", "Name a prime.", "x", "Why is the sky blue? Think step by step.",
+             "Sum 17 and 25", "a b c d", "Is 91 prime?", "Count to five"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("pair"), special_tags=True)
+
+
+@pytest.fixture(scope="module")
+def oracle(pair):
+    return Oracle(*pair)
+
+
+def ids(oracle: Oracle) -> dict[str, int]:
+    return {name: oracle.tok.token_to_id(name) for name in ("<bigmodel>", "</bigmodel>", "<", "<|endoftext|>")}
+
+
+def mixed_requests(oracle: Oracle) -> list[Request]:
+    """Twelve requests over all four modes; split ones with different handoff rates and caps."""
+    t = ids(oracle)
+    no_eos = {t["<|endoftext|>"]: -5.0}
+    split_biases = [(2, 3, 3), (1.5, 3, 3.5), (3, 2, 0), (2, 4, 2), (2.5, 3, 3), (3, 5, 4)]
+    reqs = [Request(QUESTIONS[i], "split", 48, {t["<bigmodel>"]: a, t["</bigmodel>"]: b, t["<"]: c, **no_eos},
+                    max_offload_tokens=(512, 4, 512, 7, 512, 512)[i]) for i, (a, b, c) in enumerate(split_biases)]
+    reqs += [Request(QUESTIONS[6], "random", 40, no_eos, switch_ratio=1.0, switch_chunk=5, seed=3),
+             Request(QUESTIONS[7], "random", 40, no_eos, switch_ratio=0.5, switch_chunk=3, seed=4),
+             Request(QUESTIONS[0], "small", 24, no_eos), Request(QUESTIONS[1], "big", 24, no_eos),
+             Request(QUESTIONS[2], "small", 30), Request(QUESTIONS[3], "big", 30)]
+    return reqs
+
+
+def params_for(r: Request) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=r.max_tokens, logit_bias=r.logit_bias, mode=r.mode,
+                          max_offload_tokens=r.max_offload_tokens, switch_ratio=r.switch_ratio,
+                          switch_chunk=r.switch_chunk, seed=r.seed)
+
+
+def check_against_oracle(engine: Engine, oracle: Oracle, reqs: list[Request]) -> list:
+    outs = engine.generate([r.question for r in reqs], [params_for(r) for r in reqs], use_tqdm=False)
+    for r, out in zip(reqs, outs):
+        tokens, writers = oracle.run(r)
+        assert out.error is None
+        assert out.token_ids == tokens, f"{r.mode} request {r.question!r} differs from the oracle"
+        assert out.token_models == writers
+        m = out.metrics
+        assert m.small_tokens + m.big_tokens == len(tokens) and m.big_tokens == sum(writers)
+        if r.mode == "split":
+            starts = sum(1 for a, b in zip([0] + writers, writers) if (a, b) == (0, 1))
+            assert m.handoffs >= starts and len(m.handoff_latencies) == starts
+            assert all(x >= 0 for x in m.handoff_latencies)
+        if r.mode in ("small", "big"):
+            assert m.handoffs == 0 and set(writers) == {int(r.mode == "big")}
+    assert engine.scheduler.num_free_pages == engine.pool.num_pages
+    return outs
+
+
+@pytest.mark.parametrize("catch_up", ["lazy", "eager"])
+def test_mixed_modes_match_the_oracle(pair, oracle, catch_up):
+    engine = Engine(*pair, kv_cache_bytes=1 << 24, max_model_len=256, catch_up=catch_up, progress=False)
+    outs = check_against_oracle(engine, oracle, mixed_requests(oracle))
+    split = [o for o in outs if o.metrics.mode == "split"]
+    # The biases did their job: handoffs, forced closes, probes rolled back, both models writing.
+    assert sum(o.metrics.handoffs for o in split) >= 10
+    assert sum(o.metrics.rolled_back_tokens for o in split) > 0
+    assert all(0 < o.metrics.offload_fraction < 1 for o in split)
+    assert sum(o.metrics.catch_up_tokens[1] for o in split) > 0
+    stats = engine.stats.summary()
+    assert stats["requests"] == len(outs) and stats["handoffs"] == sum(o.metrics.handoffs for o in outs)
+    assert stats["big_tokens"] == sum(o.metrics.big_tokens for o in outs)
+
+
+@pytest.mark.parametrize("catch_up", ["lazy", "eager"])
+def test_page_pressure_drops_big_views_then_preempts_and_outputs_do_not_change(pair, oracle, catch_up):
+    # Pages of 16 KiB hold 16 small-model or 42 big-model tokens; 24 pages are just above one
+    # request at max_model_len 256 in both views (16 + 7 pages), far below twelve requests' needs.
+    engine = Engine(*pair, kv_cache_bytes=24 * PAGE_BYTES, max_model_len=256, catch_up=catch_up, progress=False)
+    assert engine.pool.num_pages == 24
+    check_against_oracle(engine, oracle, mixed_requests(oracle))
+    assert engine.scheduler.num_view_drops > 0
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_each_model_can_fill_the_pool(pair):
+    """No static split between the models: either one alone uses at least 95% of the pages."""
+    engine = Engine(*pair, kv_cache_bytes=30 * PAGE_BYTES, max_model_len=160, progress=False)
+    for mode in ("small", "big"):
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, mode=mode)
+        for q in QUESTIONS * 4:
+            engine.add_request(q, params)
+        peak = 0
+        while engine.has_unfinished():
+            engine.step()
+            peak = max(peak, engine.scheduler.pages_held(int(mode == "big")))
+            assert engine.scheduler.pages_held(int(mode == "small")) == 0
+        assert peak >= 0.95 * engine.pool.num_pages, (mode, peak)
+
+
+@settings(max_examples=6, deadline=None)
+@given(modes=st.lists(st.sampled_from(["split", "small", "big", "random"]), min_size=2, max_size=10),
+       abort_at=st.lists(st.integers(0, 30), min_size=10, max_size=10), seed=st.integers(0, 1000))
+def test_page_accounting_under_mixed_modes_handoffs_and_aborts(pair, modes, abort_at, seed):
+    engine = _shared_small_pool_engine(pair)
+    t = {"<bigmodel>": 269, "</bigmodel>": 270}
+    ids_ = []
+    for i, mode in enumerate(modes):
+        params = SamplingParams(temperature=0.8, seed=seed + i, max_tokens=40, mode=mode, switch_chunk=4,
+                                logit_bias={t["<bigmodel>"]: 2.0, t["</bigmodel>"]: 2.0})
+        ids_.append(engine.add_request(QUESTIONS[i % len(QUESTIONS)], params))
+    step = 0
+    while engine.has_unfinished():
+        for rid, when in zip(ids_, abort_at):
+            if when == step:
+                engine.abort(rid)
+        engine.step()
+        engine.scheduler.check_invariants()
+        step += 1
+        assert step < 2000
+    assert engine.scheduler.num_free_pages == engine.pool.num_pages
+    assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
+
+
+_ENGINES = {}
+
+
+def _shared_small_pool_engine(pair) -> Engine:
+    key = tuple(pair)
+    if key not in _ENGINES:
+        _ENGINES[key] = Engine(*pair, kv_cache_bytes=24 * PAGE_BYTES, max_model_len=256, catch_up="eager",
+                               max_num_batched_tokens=64, progress=False)
+    return _ENGINES[key]
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_big_model_with_another_tokenizer_is_refused(pair, tmp_path):
+    import shutil
+
+    other = tmp_path / "big"
+    shutil.copytree(pair[1], other)
+    write_tokenizer(other, special_tags=False)  # no tag tokens: a different vocabulary
+    with pytest.raises(ValueError, match="tokenizer.*differs from the small model's"):
+        Engine(pair[0], other, kv_cache_bytes=1 << 22, max_model_len=64, progress=False)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mode", "medium", "mode must be one of"),
+    ("switch_ratio", -0.5, "switch_ratio"),
+    ("max_offload_tokens", 0, "max_offload_tokens"),
+    ("switch_chunk", 0, "switch_chunk"),
+    ("logit_bias", {10_000: 1.0}, "logit_bias token id 10000"),
+])
+def test_bad_split_parameters_get_an_error_and_the_others_go_on(pair, oracle, field, value, message):
+    engine = Engine(*pair, kv_cache_bytes=1 << 24, max_model_len=256, progress=False)
+    good = mixed_requests(oracle)[:3]
+    bad = params_for(good[0])
+    setattr(bad, field, value)  # set after construction: the engine checks again when queueing
+    outs = engine.generate([r.question for r in good] + [good[0].question],
+                           [params_for(r) for r in good] + [bad], use_tqdm=False)
+    assert outs[3].finish_reason == "error" and message in outs[3].error
+    for r, out in zip(good, outs):
+        assert out.token_ids == oracle.run(r)[0]
+
+
+def test_split_needs_two_models_and_a_text_prompt(pair):
+    one = Engine(pair[0], kv_cache_bytes=1 << 22, max_model_len=64, progress=False)
+    out = one.generate(["hi"], SamplingParams(mode="split"), use_tqdm=False)[0]
+    assert out.finish_reason == "error" and "needs a big model" in out.error
+    two = Engine(*pair, kv_cache_bytes=1 << 22, max_model_len=256, progress=False)
+    outs = two.generate([[1, 2, 3], "hi"], SamplingParams(max_tokens=3), use_tqdm=False)  # mode None: split
+    assert outs[0].finish_reason == "error" and "question as a string" in outs[0].error
+    assert outs[1].metrics.mode == "split" and len(outs[1].token_ids) == 3
