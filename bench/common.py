@@ -26,6 +26,12 @@ def machine() -> dict:
     return info
 
 
+def machine_line(m: dict) -> str:
+    """The header line every benchmark table starts with."""
+    return (f"machine: {m['host']} | {m['cpu']} | {m['cores']} cores | torch {m['torch']} | Python {m['python']}"
+            f" | {m.get('gpu', 'no GPU')}")
+
+
 def copy_bandwidth(device: str = "cpu", mib: int = 512, repeats: int = 10) -> float:
     """STREAM-style copy bandwidth in bytes/s: (bytes read + bytes written) per second."""
     src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
@@ -58,3 +64,44 @@ def write_json(path: "str | None", payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_dummy_pair(root: Path, hidden: int = 512, small_layers: int = 4, big_layers: int = 12,
+                     max_positions: int = 8192) -> tuple[Path, Path]:
+    """Config folders (no weights: load with load_format="dummy") for a small and a big Qwen2 that
+    share the embedded byte-level tokenizer, extended with `<bigmodel>` / `</bigmodel>` as single
+    special tokens so a logit_bias can drive handoffs."""
+    from splitreason_engine.engine import default_model_path
+
+    spec = json.loads((default_model_path() / "tokenizer.json").read_text())
+    next_id = max(t["id"] for t in spec["added_tokens"]) + 1
+    for tag in ("<bigmodel>", "</bigmodel>"):
+        spec["added_tokens"].append(dict(id=next_id, content=tag, single_word=False, lstrip=False, rstrip=False,
+                                         normalized=False, special=True))
+        next_id += 1
+    folders = []
+    for name, layers in (("small", small_layers), ("big", big_layers)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=hidden,
+                      intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=2, vocab_size=512,
+                      max_position_embeddings=max_positions, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, hidden_act="silu", torch_dtype="float32")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        (folder / "tokenizer_config.json").write_text(
+            (default_model_path() / "tokenizer_config.json").read_text())
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def printable_ascii_bias(engine) -> dict[int, float]:
+    """A logit_bias that keeps random models to printable ASCII (plus newline), so their text
+    decodes and re-tokenizes one to one, as real text does (random bytes are mostly invalid UTF-8)."""
+    from splitreason_engine.tags import token_bytes
+
+    pieces = token_bytes(engine.tokenizer)
+    tags = set(engine.tags.all)
+    return {i: -100.0 for i, p in enumerate(pieces)
+            if p.decode(errors="replace") not in tags and not all(32 <= b < 127 or b == 10 for b in p) or not p}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, machine, save_random_qwen2, write_json  # noqa: E402
+from common import copy_bandwidth, machine, machine_line, save_random_qwen2, write_json  # noqa: E402
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
 
@@ -180,8 +180,7 @@ def main() -> None:
                            "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}}
 
     m = results["machine"]
-    print(f"machine: {m['host']} | {m['cpu']} | {m['cores']} cores | torch {m['torch']} | "
-          f"copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s (read+write)")
+    print(f"{machine_line(m)} | copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s (read+write)")
     print(f"{'batch':>5} {'engine':>9} {'HF':>9} {'vLLM':>9} {'floor':>9} {'eng/HF':>7} {'eng/vLLM':>8} {'eng/floor':>9}")
     for b in args.batches:
         e, h, v, f = (results.get(f"{k}_tok_s_b{b}") for k in ("engine", "hf", "vllm", "floor"))

@@ -7,6 +7,7 @@ import sys
 import time
 
 from .engine import Engine
+from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams
 
 
@@ -14,7 +15,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models and engine")
     g.add_argument("--small", metavar="PATH", help="small model: a Hugging Face checkpoint folder (config.json, "
                    "safetensors, tokenizer.json); default: the embedded tiny Qwen2 with random weights")
-    g.add_argument("--big", metavar="PATH", help="big model checkpoint folder (optional)")
+    g.add_argument("--big", metavar="PATH", help="big model checkpoint folder (same tokenizer as the small one); "
+                   "with it the default mode is split")
     g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
                    help="'dummy' builds random weights from config.json (real shapes, no download); default: auto")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -30,11 +32,23 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step per model, prefill chunks included (default: 2048)")
     g.add_argument("--seed", type=int, default=0, help="engine seed: dummy weights, unseeded sampling (default: 0)")
+    g.add_argument("--catch-up", choices=CATCH_UP_POLICIES, default="lazy",
+                   help="when the big model reads the small model's text: at each handoff (lazy) or in the "
+                        "background with spare batch budget (eager) (default: lazy)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--mode", choices=MODES, default="small", help="which model generates (default: small)")
+    g.add_argument("--mode", choices=MODES, help="split: the small model hands <bigmodel> segments to the big one; "
+                   "small / big: one model alone; random: chunks go to either model at random "
+                   "(default: split with --big, else small)")
+    g.add_argument("--max-offload-tokens", type=int, default=512,
+                   help="most big-model tokens per offloaded segment, then the close tag is forced (default: 512)")
+    g.add_argument("--switch-ratio", type=float, default=9.0,
+                   help="random mode: a chunk goes to the big model with probability 1/(ratio+1) (default: 9)")
+    g.add_argument("--switch-chunk", type=int, default=16, help="random mode: tokens per chunk (default: 16)")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
     g.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default: 128)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default: 0)")
@@ -57,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "goes to stderr.")
     gen.add_argument("prompt", nargs="?", default="-", help="prompt text, or '-' / omitted to read stdin")
     gen.add_argument("--json", action="store_true", help="print the output as one JSON object instead of text")
+    gen.add_argument("--stats", action="store_true",
+                     help="print the SplitReason figures (tokens per model, handoffs, catch-up, latencies) to stderr")
     add_engine_options(gen)
     add_sampling_options(gen)
     return parser
@@ -67,28 +83,76 @@ def engine_from_args(args) -> Engine:
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
                   kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                  seed=args.seed)
+                  seed=args.seed, catch_up=args.catch_up)
+
+
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes ID=BIAS (e.g. 42=5.0), got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--logit-bias takes ID=BIAS (e.g. 42=5.0), got {item!r}")
+    return bias
 
 
 def sampling_from_args(args) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.sampling_seed,
                           max_tokens=args.max_tokens, stop=args.stop, stop_token_ids=args.stop_token_id,
-                          ignore_eos=args.ignore_eos, logprobs=args.logprobs, mode=args.mode)
+                          ignore_eos=args.ignore_eos, logprobs=args.logprobs, mode=args.mode,
+                          max_offload_tokens=args.max_offload_tokens, switch_ratio=args.switch_ratio,
+                          switch_chunk=args.switch_chunk, logit_bias=parse_logit_bias(args.logit_bias))
 
 
 # Control characters other than newline and tab, shown as U+FFFD so model output cannot drive the terminal.
 _CONTROL = {c: 0xFFFD for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F)}
 
 
+def marked_text(output, decode, tty: bool) -> str:
+    """The output with offloaded (big-model) segments in colour on a terminal, else in [big] markers."""
+    parts = []
+    for model, text in output.segments(decode):
+        text = text.translate(_CONTROL) if tty else text
+        if model == 1:
+            text = f"\x1b[36m{text}\x1b[0m" if tty else f"[big]{text}[/big]"
+        parts.append(text)
+    return "".join(parts)
+
+
+def print_stats(engine: Engine, output) -> None:
+    m = output.metrics
+    rows = [("mode", m.mode), ("small-model tokens", m.small_tokens), ("big-model tokens", m.big_tokens),
+            ("offload fraction", f"{m.offload_fraction:.3f}"), ("handoffs", m.handoffs),
+            ("catch-up tokens small / big", f"{m.catch_up_tokens[0]} / {m.catch_up_tokens[1]}"),
+            ("tokens processed small / big", f"{m.tokens_processed[0]} / {m.tokens_processed[1]}"),
+            ("tokens rolled back", m.rolled_back_tokens),
+            ("time small / big / catch-up (s)", f"{m.small_time:.3f} / {m.big_time:.3f} / {m.catch_up_time:.3f}"),
+            ("handoff latency mean (ms)", f"{1e3 * sum(m.handoff_latencies) / len(m.handoff_latencies):.2f}"
+             if m.handoff_latencies else "-"),
+            ("latency per offloaded token (ms)", f"{1e3 * m.latency_per_offloaded_token:.2f}"
+             if m.latency_per_offloaded_token else "-"),
+            ("peak KV pages small / big", " / ".join(map(str, m.peak_pages[:len(engine.models)]))),
+            ("engine: preemptions / big views dropped", f"{engine.scheduler.num_preemptions} / "
+                                                        f"{engine.scheduler.num_view_drops}")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_from_args(args)
     engine = engine_from_args(args)
+    mode = params.mode or ("split" if args.big else "small")
     start = time.perf_counter()
     output = None
     tty = sys.stdout.isatty()
+    single = mode in ("small", "big")  # one writer: stream as it comes; else mark segments at the end
     for event in engine.generate_stream([prompt], params):
-        if not args.json:
+        if single and not args.json:
             sys.stdout.write(event.text.translate(_CONTROL) if tty else event.text)
             sys.stdout.flush()
         output = event.output or output
@@ -96,17 +160,26 @@ def cmd_generate(args) -> int:
     if output.error:
         print(f"error: {output.error}", file=sys.stderr)
         return 2
-    n = len(output.token_ids)
+    n, m = len(output.token_ids), output.metrics
     if args.json:
-        json.dump({"text": output.text, "token_ids": output.token_ids, "finish_reason": output.finish_reason,
-                   "logprobs": output.logprobs, "prompt_tokens": len(output.prompt_token_ids),
-                   "time_to_first_token_s": output.metrics.time_to_first_token, "latency_s": output.metrics.latency},
-                  sys.stdout)
+        record = {"text": output.text, "token_ids": output.token_ids, "token_models": output.token_models,
+                  "finish_reason": output.finish_reason, "logprobs": output.logprobs,
+                  "prompt_tokens": len(output.prompt_token_ids), "time_to_first_token_s": m.time_to_first_token,
+                  "latency_s": m.latency}
+        if args.stats:
+            record["stats"] = engine.stats.summary()
+        json.dump(record, sys.stdout)
         print()
     else:
+        if not single and engine.tokenizer is not None:
+            sys.stdout.write(marked_text(output, engine.tokenizer.decode, tty))
         print()
-    print(f"[{args.mode}] {len(output.prompt_token_ids)} prompt + {n} generated tokens in {elapsed:.2f} s "
+    split = f" (small {m.small_tokens}, big {m.big_tokens}, offload {100 * m.offload_fraction:.1f}%, " \
+            f"{m.handoffs} handoffs)" if not single else ""
+    print(f"[{mode}] {len(output.prompt_token_ids)} prompt + {n} generated tokens{split} in {elapsed:.2f} s "
           f"({n / elapsed:.1f} tok/s), finish: {output.finish_reason}", file=sys.stderr)
+    if args.stats and not args.json:
+        print_stats(engine, output)
     return 0
 
 

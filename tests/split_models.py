@@ -49,12 +49,44 @@ def write_tokenizer(folder: Path, special_tags: bool) -> None:
 
 
 def save_pair(root: Path, special_tags: bool) -> tuple[Path, Path]:
-    """(small, big): 2 layers of hidden 64 and 3 layers of hidden 96, one tokenizer."""
-    small = save_tiny_qwen2(root / "small", "mha-tied-1e4", seed=11, vocab_size=SMALL_VOCAB, num_layers=2)
+    """(small, big): 2 layers of hidden 64 and 3 layers of hidden 96, one tokenizer. With text tags
+    the small model is steered to finish any tag it starts (see steer_to_finish_tags)."""
+    if special_tags:
+        small = save_tiny_qwen2(root / "small", "mha-tied-1e4", seed=11, vocab_size=SMALL_VOCAB, num_layers=2)
+    else:
+        small = save_tiny_qwen2(root / "small", "gqa2-untied-1e6", seed=11, vocab_size=SMALL_VOCAB, num_layers=2)
     big = save_tiny_qwen2(root / "big", "gqa6-h96-tied", seed=12, vocab_size=BIG_VOCAB, num_layers=3)
     for folder in (small, big):
         write_tokenizer(folder, special_tags)
+    if not special_tags:
+        steer_to_finish_tags(small)
     return small, big
+
+
+def steer_to_finish_tags(folder: Path) -> None:
+    """Makes a random untied model write `big`, `model`, `>` after any `<`-like token, by giving the
+    embeddings unit scale, shrinking what the layers add to the residual, and adding the previous
+    token's embedding to the output row of its successor. A logit_bias on `<`, `Ġ<`, `</` then
+    decides how often tags start; once started they complete (open or close, by the first token),
+    or, for `<` during a big segment, start a probe that fails at `big`."""
+    from safetensors.torch import load_file, save_file
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tid = tok.token_to_id
+    weights = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    embed = torch.randn(weights["model.embed_tokens.weight"].shape, generator=g)
+    weights["model.embed_tokens.weight"] = embed
+    for name, w in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = w * 0.15
+    head = weights["lm_head.weight"]
+    starts = ["<", "Ġ<", "</", "Ġ</"]
+    for prev, nxt in [*((s, "big") for s in starts), ("big", "model"), ("model", ">")]:
+        e = embed[tid(prev)]
+        head[tid(nxt)] += 10 * e / e.dot(e)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 @dataclass

@@ -33,7 +33,8 @@ def test_help_documents_every_option():
     for option in ("--small", "--big", "--load-format", "--device", "--dtype", "--max-model-len", "--kv-cache-bytes",
                    "--kv-cache-memory-fraction", "--page-tokens", "--max-num-seqs", "--max-num-batched-tokens",
                    "--seed", "--mode", "--max-tokens", "--temperature", "--top-k", "--top-p", "--sampling-seed",
-                   "--stop", "--stop-token-id", "--ignore-eos", "--logprobs", "--json"):
+                   "--stop", "--stop-token-id", "--ignore-eos", "--logprobs", "--json", "--stats", "--catch-up",
+                   "--max-offload-tokens", "--switch-ratio", "--switch-chunk", "--logit-bias"):
         assert option in r.stdout
 
 
@@ -44,8 +45,41 @@ def test_help_documents_every_option():
     (["--small", "/nonexistent/model"], "/nonexistent/model"),
     (["--max-model-len", "8"], "too long"),
     (["--device", "gpu"], "device"),
+    (["--mode", "split"], "needs a big model"),
+    (["--logit-bias", "7"], "--logit-bias takes ID=BIAS"),
+    (["--max-offload-tokens", "0"], "max_offload_tokens"),
 ])
 def test_bad_input_exits_with_a_message(args, message):
     r = run("generate", "a prompt that is longer than eight tokens", *args)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from split_models import save_pair
+
+    return save_pair(tmp_path_factory.mktemp("pair"), special_tags=True)
+
+
+def test_split_mode_marks_offloaded_segments_and_prints_stats(pair):
+    # <bigmodel> is token 269 in the test pair: a bias makes the small model hand off at once.
+    args = ["--small", str(pair[0]), "--big", str(pair[1]), "--max-tokens", "24", "--temperature", "0",
+            "--logit-bias", "269=4", "--logit-bias", "270=2", "--max-offload-tokens", "5", "--stats"]
+    r = run("generate", "What is 2+2?", *args)
+    assert r.returncode == 0, r.stderr
+    assert "[big]" in r.stdout and "[/big]" in r.stdout  # not a terminal: plain markers
+    assert "[split]" in r.stderr and "handoffs" in r.stderr
+    for row in ("big-model tokens", "offload fraction", "catch-up tokens small / big", "tokens rolled back",
+                "handoff latency mean (ms)", "latency per offloaded token (ms)", "peak KV pages small / big"):
+        assert row in r.stderr
+    record = json.loads(run("generate", "What is 2+2?", *args, "--json").stdout)
+    assert 1 in record["token_models"] and 0 in record["token_models"]
+    assert record["stats"]["big_tokens"] == sum(record["token_models"]) and record["stats"]["handoffs"] >= 1
+
+
+def test_random_mode_from_the_cli(pair):
+    r = run("generate", "Hi", "--small", str(pair[0]), "--big", str(pair[1]), "--mode", "random", "--switch-ratio",
+            "1", "--switch-chunk", "4", "--max-tokens", "16", "--sampling-seed", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_models"]) == 16

@@ -27,6 +27,16 @@ def oracle(pair):
     return Oracle(*pair)
 
 
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("text_pair"), special_tags=False)
+
+
+@pytest.fixture(scope="module")
+def text_oracle(text_pair):
+    return Oracle(*text_pair)
+
+
 def ids(oracle: Oracle) -> dict[str, int]:
     return {name: oracle.tok.token_to_id(name) for name in ("<bigmodel>", "</bigmodel>", "<", "<|endoftext|>")}
 
@@ -83,6 +93,30 @@ def test_mixed_modes_match_the_oracle(pair, oracle, catch_up):
     stats = engine.stats.summary()
     assert stats["requests"] == len(outs) and stats["handoffs"] == sum(o.metrics.handoffs for o in outs)
     assert stats["big_tokens"] == sum(o.metrics.big_tokens for o in outs)
+
+
+@pytest.mark.parametrize("catch_up", ["lazy", "eager"])
+def test_text_tags_spanning_tokens_match_the_oracle(text_pair, text_oracle, catch_up):
+    """Tags as text, 4 tokens each, tokenized differently after a space (`Ġ<` vs `<`): the small
+    model opens and closes them token by token, probes on `<` and is rolled back at `big`."""
+    tid = text_oracle.tok.token_to_id
+    biases = [(3, 3, 1, 1), (4, 4, 2, 2), (2, 3, 1, 2), (3, 3, 2, 0), (4, 3, 3, 2), (4, 4, 2, 2)]
+    reqs = [Request(QUESTIONS[i], "split", 64, {tid("<"): a, tid("Ġ<"): b, tid("</"): c, tid("Ġ</"): d,
+                                                tid("<|endoftext|>"): -5.0})
+            for i, (a, b, c, d) in enumerate(biases)]
+    reqs += [Request(QUESTIONS[6], "random", 40, switch_ratio=1.0, switch_chunk=6, seed=1),
+             Request(QUESTIONS[7], "small", 20), Request(QUESTIONS[0], "big", 20)]
+    engine = Engine(*text_pair, kv_cache_bytes=1 << 24, max_model_len=320, catch_up=catch_up, progress=False)
+    outs = check_against_oracle(engine, text_oracle, reqs)
+    split = outs[:len(biases)]
+    assert sum(o.metrics.handoffs for o in split) >= 6
+    assert sum(o.metrics.rolled_back_tokens for o in split) > 0
+    texts = [o.text for o in split]
+    assert any("</bigmodel>" in t for t in texts) and any(" <bigmodel>" in t for t in texts)
+    # A close tag the small model wrote (not forced) right after a big segment: the probe path.
+    closes = [o.segments(engine.tokenizer.decode) for o in split]
+    assert any(model == 0 and text.lstrip().startswith("</big") and k > 0
+               for segs in closes for k, (model, text) in enumerate(segs))
 
 
 @pytest.mark.parametrize("catch_up", ["lazy", "eager"])
