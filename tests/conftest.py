@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: with as many workers as cores, more threads only
+    # oversubscribe the cores (OpenMP spin-waits made the suite several times slower).
+    torch.set_num_threads(1)
 
 from hf_models import CONFIGS, save_tiny_qwen2  # noqa: E402
 

@@ -130,11 +130,28 @@ def test_page_pressure_drops_big_views_then_preempts_and_outputs_do_not_change(p
     assert engine.scheduler.num_preemptions > 0
 
 
+def test_seeded_sampling_is_unchanged_by_page_pressure_and_catch_up_policy(pair, oracle):
+    """Sampled (not greedy) split and random requests: the same seeds give the same tokens in a
+    roomy pool with lazy catch-up and in a pool that forces drops and preemptions with eager."""
+    reqs = mixed_requests(oracle)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=r.max_tokens,
+                             logit_bias=r.logit_bias, mode=r.mode, max_offload_tokens=r.max_offload_tokens,
+                             switch_ratio=r.switch_ratio, switch_chunk=r.switch_chunk) for i, r in enumerate(reqs)]
+    roomy = Engine(*pair, kv_cache_bytes=1 << 24, max_model_len=256, catch_up="lazy", progress=False)
+    tight = Engine(*pair, kv_cache_bytes=24 * PAGE_BYTES, max_model_len=256, catch_up="eager", progress=False)
+    a = roomy.generate([r.question for r in reqs], params, use_tqdm=False)
+    b = tight.generate([r.question for r in reqs], params, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0 and tight.scheduler.num_view_drops > 0
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_models for o in a] == [o.token_models for o in b]
+    assert sum(o.metrics.handoffs for o in a) > 0
+
+
 def test_each_model_can_fill_the_pool(pair):
     """No static split between the models: either one alone uses at least 95% of the pages."""
     engine = Engine(*pair, kv_cache_bytes=30 * PAGE_BYTES, max_model_len=160, progress=False)
     for mode in ("small", "big"):
-        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, mode=mode)
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, mode=mode)
         for q in QUESTIONS * 4:
             engine.add_request(q, params)
         peak = 0
