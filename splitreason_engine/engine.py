@@ -132,8 +132,8 @@ class Engine:
         # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.
         self.real_vocab = [min(self.tokenizer.vocab_size, c.vocab_size) if self.tokenizer else c.vocab_size
                            for c in configs]
-        self.detector = None
-        if self.tokenizer is not None:
+        self.detector = None  # split mode needs it, so only an engine with two models builds it
+        if self.tokenizer is not None and big is not None:
             self.tokenizer.keep_in_text(self.tags.all)
             self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
 
@@ -412,12 +412,12 @@ class Engine:
                 still = []
                 for req in pending:
                     done = req.finish_reason is not None
-                    tokens = req.tokens[req.sent_tokens:]
+                    tokens, models = req.tokens[req.sent_tokens:], req.token_models[req.sent_tokens:]
                     visible = len(req.text) if done else max(req.sent_text, len(req.text) - req.holdback)
                     text = req.text[req.sent_text:visible]
                     req.sent_tokens, req.sent_text = len(req.tokens), visible
                     if tokens or done:
-                        yield StreamEvent(req.index, tokens, text, self._finalize(req) if done else None)
+                        yield StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models)
                     if not done:
                         still.append(req)
                 pending = still

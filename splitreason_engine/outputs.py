@@ -85,9 +85,11 @@ class RequestOutput:
 
 @dataclass
 class StreamEvent:
-    """New tokens of one request from one engine step; `output` is set once it has finished."""
+    """New tokens of one request from one engine step (`token_models`: which model wrote each);
+    `output` is set once it has finished."""
 
     index: int
     token_ids: list[int]
     text: str
     output: "RequestOutput | None" = None
+    token_models: list[int] = field(default_factory=list)

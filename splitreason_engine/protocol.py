@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 SMALL, BIG = 0, 1
 CATCH_UP_POLICIES = ("lazy", "eager")
-EAGER_SYNC_EVERY = 8  # small tokens between background catch-up syncs of the big view
+EAGER_SYNC_EVERY = 8  # new tokens between background catch-up syncs of the idle view
 
 
 @dataclass(frozen=True)
@@ -319,11 +319,12 @@ class RandomFlow(Flow):
             return
         self.synced[model] = len(req.tokens)
         other = 1 - model
-        if e.catch_up == "eager":
-            if not e._extend(req, other, [token], now):
+        missing = req.tokens[self.synced[other]:]
+        if e.catch_up == "eager" and len(missing) >= EAGER_SYNC_EVERY:
+            if not e._extend(req, other, missing, now):
                 return
             self.synced[other] = len(req.tokens)
-            req.metrics.catch_up_tokens[other] += 1
+            req.metrics.catch_up_tokens[other] += len(missing)
         if len(req.tokens) % req.params.switch_chunk == 0:
             writer = self._draw()
             if writer != model:

@@ -147,6 +147,24 @@ def test_seeded_sampling_is_unchanged_by_page_pressure_and_catch_up_policy(pair,
     assert sum(o.metrics.handoffs for o in a) > 0
 
 
+def test_split_streams_equal_generate(pair, oracle):
+    reqs = mixed_requests(oracle)[:8]
+    engine = Engine(*pair, kv_cache_bytes=1 << 24, max_model_len=256, progress=False)
+    prompts, params = [r.question for r in reqs], [params_for(r) for r in reqs]
+    whole = engine.generate(prompts, params, use_tqdm=False)
+    tokens, models, texts, finals = ([[] for _ in reqs] for _ in range(4))
+    for event in engine.generate_stream(prompts, params):
+        tokens[event.index] += event.token_ids
+        models[event.index] += event.token_models
+        texts[event.index].append(event.text)
+        if event.output is not None:
+            finals[event.index] = event.output
+    for i, out in enumerate(whole):
+        assert tokens[i] == out.token_ids and models[i] == out.token_models
+        assert "".join(texts[i]) == out.text == finals[i].text
+    assert engine.scheduler.num_free_pages == engine.pool.num_pages
+
+
 def test_each_model_can_fill_the_pool(pair):
     """No static split between the models: either one alone uses at least 95% of the pages."""
     engine = Engine(*pair, kv_cache_bytes=30 * PAGE_BYTES, max_model_len=160, progress=False)
