@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .engine import Engine
 from .protocol import CATCH_UP_POLICIES
@@ -75,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the SplitReason figures (tokens per model, handoffs, catch-up, latencies) to stderr")
     add_engine_options(gen)
     add_sampling_options(gen)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                           description="Serve /v1/completions, /v1/chat/completions (streaming as server-sent "
+                                       "events), /v1/models, /health and /metrics (Prometheus).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="queued requests beyond which new ones get 503 with Retry-After (default: 256)")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the small model's folder name)")
+    add_engine_options(serve)
     return parser
 
 
@@ -183,11 +193,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from . import chat
+    from .async_engine import AsyncEngine
+    from .engine import default_model_path
+    from .server import build_app
+
+    engine = engine_from_args(args)
+    folder = Path(args.small) if args.small else default_model_path()
+    name = args.served_model_name or (folder.name if folder.is_dir() else folder.parent.name)
+    app = build_app(AsyncEngine(engine, args.max_waiting), name, chat.load_chat_template(folder if folder.is_dir() else folder.parent))
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: "list[str] | None" = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_generate(args)
+        return cmd_serve(args) if args.command == "serve" else cmd_generate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -392,6 +392,18 @@ class Engine:
             out.text = self.tokenizer.decode(req.tokens)
         return out
 
+    def _event(self, req: _Request) -> "StreamEvent | None":
+        """What a stream of `req` has not yielded yet (None: nothing new). Text that could still
+        turn out to be part of a stop string is held back until it cannot."""
+        done = req.finish_reason is not None
+        tokens, models = req.tokens[req.sent_tokens:], req.token_models[req.sent_tokens:]
+        visible = len(req.text) if done else max(req.sent_text, len(req.text) - req.holdback)
+        text = req.text[req.sent_text:visible]
+        req.sent_tokens, req.sent_text = len(req.tokens), visible
+        if not tokens and not done:
+            return None
+        return StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models)
+
     def _step_for(self, pending: list[_Request]) -> None:
         if self.step() == 0 and any(r.finish_reason is None for r in pending):
             raise RuntimeError("engine stalled: requests are pending but nothing was scheduled")
@@ -411,14 +423,10 @@ class Engine:
                 self._step_for(pending)
                 still = []
                 for req in pending:
-                    done = req.finish_reason is not None
-                    tokens, models = req.tokens[req.sent_tokens:], req.token_models[req.sent_tokens:]
-                    visible = len(req.text) if done else max(req.sent_text, len(req.text) - req.holdback)
-                    text = req.text[req.sent_text:visible]
-                    req.sent_tokens, req.sent_text = len(req.tokens), visible
-                    if tokens or done:
-                        yield StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models)
-                    if not done:
+                    event = self._event(req)
+                    if event is not None:
+                        yield event
+                    if event is None or event.output is None:  # not finished when this event was made
                         still.append(req)
                 pending = still
         finally:

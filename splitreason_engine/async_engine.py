@@ -1,0 +1,161 @@
+"""The engine loop on its own thread, with requests submitted and streamed from asyncio.
+
+Only the loop thread touches the Engine: callers hand it commands (add, abort) through a queue,
+and it hands each request's stream events back to the caller's event loop. A stream that is
+closed early (a client that disconnected) aborts its request, so its pages go back to the pool
+at the next loop iteration. Past `max_waiting` queued requests new ones are refused with
+`Overloaded`, so a server can answer 503 instead of queueing without bound.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from .engine import Engine, Prompt
+from .outputs import StreamEvent
+from .sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request: object = None  # the engine's request, once added
+
+    def push(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Engine state published by the loop thread after every step (read by /metrics)."""
+
+    running: int = 0
+    waiting: int = 0
+    pages_held: tuple = ()
+    free_pages: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting: int = 256):
+        if not isinstance(max_waiting, int) or max_waiting < 1:
+            raise ValueError(f"max_waiting must be a positive integer, got {max_waiting!r}")
+        self.engine, self.max_waiting = engine, max_waiting
+        self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self._streams: list[_Stream] = []  # loop thread only
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted and not yet running
+        self.snapshot = Snapshot(pages_held=tuple(0 for _ in engine.models), free_pages=engine.pool.num_pages)
+        self.failure: "BaseException | None" = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="splitreason-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and self._thread.is_alive()
+
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Events of one request as the engine produces them; the last one carries the output
+        (finish_reason "error" and a message if the engine refused the request)."""
+        with self._lock:
+            if self._queued + self.snapshot.waiting >= self.max_waiting:
+                raise Overloaded(f"{self.max_waiting} requests are already waiting")
+            self._queued += 1
+        stream = _Stream(asyncio.get_running_loop())
+        self._commands.put(("add", stream, prompt, params))
+        finished = False
+        try:
+            while True:
+                item = await stream.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.output is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", stream))
+
+    async def generate(self, prompt: Prompt, params: SamplingParams):
+        """The finished output of one request."""
+        async for event in self.stream(prompt, params):
+            if event.output is not None:
+                return event.output
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._commands.put(("wake",))
+        self._thread.join(timeout=30)
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._apply_commands(block=not self._streams)
+                if self._streams:
+                    self.engine.step()
+                    self._publish()
+                self._snapshot()
+        except BaseException as e:  # the engine is broken: fail every stream, say so in /health
+            logger.exception("engine loop failed")
+            self.failure = e
+            for stream in self._streams:
+                stream.push(RuntimeError(f"engine failure: {e}"))
+
+    def _apply_commands(self, block: bool) -> None:
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            kind, *args = command
+            if kind == "add":
+                self._add(*args)
+            elif kind == "abort":
+                stream = args[0]
+                if stream in self._streams:
+                    self.engine.abort(stream.request.id)
+                    self._streams.remove(stream)
+
+    def _add(self, stream: _Stream, prompt: Prompt, params: SamplingParams) -> None:
+        with self._lock:
+            self._queued -= 1
+        try:
+            outputs, reqs = self.engine._submit([prompt], [params], stream=True)
+        except (ValueError, TypeError) as e:
+            stream.push(e)
+            return
+        if outputs[0].error:
+            stream.push(StreamEvent(0, [], "", outputs[0]))
+            return
+        stream.request = reqs[0]
+        self._streams.append(stream)
+
+    def _publish(self) -> None:
+        still = []
+        for stream in self._streams:
+            event = self.engine._event(stream.request)
+            if event is not None:
+                stream.push(event)
+            if stream.request.finish_reason is None:
+                still.append(stream)
+        self._streams = still
+
+    def _snapshot(self) -> None:
+        s = self.engine.scheduler
+        self.snapshot = Snapshot(s.num_running, s.num_waiting, tuple(s.pages_held(m) for m in range(s.num_models)),
+                                 s.num_free_pages, self.engine.stats.summary())

@@ -1,0 +1,297 @@
+"""The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (both with SSE
+streaming), /v1/models, /health and Prometheus /metrics, over an AsyncEngine.
+
+Errors follow the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad
+request (malformed JSON, wrong types, unknown mode, bad limits, a prompt longer than the context),
+404 for an unknown model, 503 with Retry-After when too many requests are waiting.
+"""
+
+import json
+import time
+import uuid
+from bisect import bisect_left
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from . import chat
+from .async_engine import AsyncEngine, Overloaded
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+# Request fields and the SamplingParams argument each one sets, with the JSON types accepted.
+_NUMBER, _INT, _BOOL = (int, float), (int,), (bool,)
+_FIELDS = {
+    "max_tokens": ("max_tokens", _INT), "temperature": ("temperature", _NUMBER), "top_p": ("top_p", _NUMBER),
+    "top_k": ("top_k", _INT), "seed": ("seed", _INT), "ignore_eos": ("ignore_eos", _BOOL),
+    "mode": ("mode", (str,)), "max_offload_tokens": ("max_offload_tokens", _INT),
+    "switch_ratio": ("switch_ratio", _NUMBER), "switch_chunk": ("switch_chunk", _INT),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: "str | None" = None, kind: str = "invalid_request_error",
+                 code: "str | None" = None, headers: "dict | None" = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code, self.headers = status, message, param, kind, code, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class Histogram:
+    """A Prometheus histogram with fixed buckets (seconds)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self, name: str, help_: str):
+        self.name, self.help = name, help_
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.total, self.n = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.BUCKETS, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.BUCKETS, self.counts):
+            cumulative += count
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.n}', f"{self.name}_sum {self.total}", f"{self.name}_count {self.n}"]
+        return lines
+
+
+class Metrics:
+    def __init__(self):
+        self.ttft = Histogram("splitreason_time_to_first_token_seconds", "Time from request to first token.")
+        self.itl = Histogram("splitreason_inter_token_latency_seconds", "Time between streamed token batches.")
+        self.e2e = Histogram("splitreason_e2e_request_latency_seconds", "Time from request to last token.")
+        self.rejected = 0
+
+    def render(self, engine: AsyncEngine) -> str:
+        snap = engine.snapshot
+        stats = engine.engine.stats.summary()
+        lines = []
+        for name, kind, help_, value in [
+            ("splitreason_requests_running", "gauge", "Requests running.", snap.running),
+            ("splitreason_requests_waiting", "gauge", "Requests waiting.", snap.waiting),
+            ("splitreason_kv_pages_free", "gauge", "KV pages free.", snap.free_pages),
+            ("splitreason_requests_finished_total", "counter", "Requests finished.", stats["requests"]),
+            ("splitreason_requests_rejected_total", "counter", "Requests refused with 503.", self.rejected),
+            ("splitreason_handoffs_total", "counter", "Small-to-big handoffs.", stats["handoffs"]),
+            ("splitreason_offloaded_tokens_total", "counter", "Tokens written by the big model.", stats["big_tokens"]),
+        ]:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        lines += ["# HELP splitreason_kv_pages_used KV pages held, per model.", "# TYPE splitreason_kv_pages_used gauge"]
+        lines += [f'splitreason_kv_pages_used{{model="{m}"}} {n}' for m, n in zip(("small", "big"), snap.pages_held)]
+        lines += ["# HELP splitreason_generated_tokens_total Tokens written, per model.",
+                  "# TYPE splitreason_generated_tokens_total counter",
+                  f'splitreason_generated_tokens_total{{model="small"}} {stats["small_tokens"]}',
+                  f'splitreason_generated_tokens_total{{model="big"}} {stats["big_tokens"]}']
+        for h in (self.ttft, self.itl, self.e2e):
+            lines += h.render()
+        return "\n".join(lines) + "\n"
+
+
+def _params(body: dict) -> SamplingParams:
+    kwargs = {}
+    for key, (arg, types) in _FIELDS.items():
+        if key in body and body[key] is not None:
+            value = body[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and types is not _BOOL):
+                raise ApiError(400, f"{key} must be of type {'/'.join(t.__name__ for t in types)}", key)
+            kwargs[arg] = value
+    if "n" in body and body["n"] not in (None, 1):
+        raise ApiError(400, "only n=1 is supported", "n")
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "stop must be a string or a list of strings", "stop")
+        kwargs["stop"] = stop
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise ApiError(400, "logit_bias must map token ids to numbers", "logit_bias")
+        try:
+            kwargs["logit_bias"] = {int(k): v for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise ApiError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    kwargs.setdefault("max_tokens", 16)
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split(" ", 1)[0]) from None
+
+
+def _usage(out: RequestOutput) -> dict:
+    m = out.metrics
+    usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
+             "total_tokens": len(out.prompt_token_ids) + len(out.token_ids)}
+    if m is not None:
+        usage.update(small_tokens=m.small_tokens, big_tokens=m.big_tokens, offload_fraction=m.offload_fraction,
+                     handoffs=m.handoffs, mode=m.mode)
+    return usage
+
+
+def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" = None) -> FastAPI:
+    app = FastAPI(title="splitreason-engine")
+    metrics = Metrics()
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError):
+        return e.response()
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
+                           "invalid_request_error", "model_not_found")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise ApiError(400, "stream must be a boolean", "stream")
+        return body
+
+    async def run(prompt, params: SamplingParams, stream: bool, chunk, final):
+        """Starts the request; answers 400 if the engine refuses it, else JSON or SSE."""
+        start = time.perf_counter()
+        try:
+            events = engine.stream(prompt, params)
+            first = await events.__anext__()
+        except Overloaded as e:
+            metrics.rejected += 1
+            raise ApiError(503, f"server overloaded: {e}; retry later", None, "server_error", "overloaded",
+                           {"Retry-After": "1"}) from None
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        if first.output is not None and first.output.error:
+            raise ApiError(400, first.output.error, "prompt" if "prompt" in first.output.error else None)
+
+        def observe(event, last):
+            now = time.perf_counter()
+            if last is None:
+                metrics.ttft.observe(now - start)
+            else:
+                metrics.itl.observe(now - last)
+            if event.output is not None:
+                metrics.e2e.observe(now - start)
+            return now
+
+        if not stream:
+            event, last = first, observe(first, None)
+            async for event in events:
+                last = observe(event, last)
+            return JSONResponse(final(event.output))
+
+        async def sse():
+            event, last = first, None
+            try:
+                while True:
+                    last = observe(event, last)
+                    yield f"data: {json.dumps(chunk(event))}\n\n"
+                    if event.output is not None:
+                        break
+                    event = await events.__anext__()
+                yield "data: [DONE]\n\n"
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    def prompt_for(params: SamplingParams, text_or_ids, chat_messages=None):
+        mode = params.mode or ("split" if len(engine.engine.models) > 1 else "small")
+        if chat_messages is not None:
+            if mode in ("split", "random"):
+                return chat.question(chat_messages)
+            return chat.render(chat_messages, chat_template)
+        return text_or_ids
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                            all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
+            raise ApiError(400, "prompt must be a string or a list of token ids", "prompt")
+        params = _params(body)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(event):
+            out = event.output
+            choice = {"index": 0, "text": event.text, "logprobs": None,
+                      "finish_reason": out.finish_reason if out else None}
+            body = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": [choice]}
+            if out is not None:
+                body["usage"] = _usage(out)
+            return body
+
+        def final(out):
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
+                    "usage": _usage(out)}
+
+        return await run(prompt_for(params, prompt), params, body.get("stream", False), chunk, final)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        try:
+            messages = chat.check_messages(body.get("messages"))
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        if "max_completion_tokens" in body and "max_tokens" not in body:
+            body["max_tokens"] = body["max_completion_tokens"]
+        params = _params(body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        sent_role = []
+
+        def chunk(event):
+            out = event.output
+            delta = {"content": event.text}
+            if not sent_role:
+                delta["role"] = "assistant"
+                sent_role.append(True)
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason if out else None}
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [choice]}
+            if out is not None:
+                body["usage"] = _usage(out)
+            return body
+
+        def final(out):
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                                 "logprobs": None, "finish_reason": out.finish_reason}],
+                    "usage": _usage(out)}
+
+        return await run(prompt_for(params, None, messages), params, body.get("stream", False), chunk, final)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "splitreason-engine"}]}
+
+    @app.get("/health")
+    async def health():
+        if engine.healthy:
+            return {"status": "ok"}
+        return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    return app
