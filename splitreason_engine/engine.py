@@ -51,6 +51,7 @@ class _Request:
     detokenizer: "IncrementalDetokenizer | None" = None
     finish_reason: "str | None" = None
     stopped_by_string: bool = False
+    stop_reason: "str | int | None" = None  # the stop string matched, or the stop token id sampled
     output: "RequestOutput | None" = None  # filled in when the request finishes
     sent_tokens: int = 0  # how much a stream has already yielded
     sent_text: int = 0
@@ -133,9 +134,10 @@ class Engine:
         self.real_vocab = [min(self.tokenizer.vocab_size, c.vocab_size) if self.tokenizer else c.vocab_size
                            for c in configs]
         self.detector = None  # split mode needs it, so only an engine with two models builds it
-        if self.tokenizer is not None and big is not None:
-            self.tokenizer.keep_in_text(self.tags.all)
-            self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
+        if self.tokenizer is not None:
+            self.tokenizer.keep_in_text(self.tags.all)  # tags are text, also for one model alone
+            if big is not None:
+                self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -297,14 +299,15 @@ class Engine:
             req.metrics.first_token_time = now
         reason = None
         if token in req.stop_ids:
-            reason = "stop"
+            reason, req.stop_reason = "stop", token
         elif len(req.tokens) >= req.params.max_tokens:
             reason = "length"
         if req.detokenizer is not None:
             delta = req.detokenizer.step(req.tokens)
             req.text += delta
-            cut = self._find_stop(req, len(delta)) if req.params.stop else None
-            if cut is not None:
+            hit = self._find_stop(req, len(delta)) if req.params.stop else None
+            if hit is not None:
+                cut, req.stop_reason = hit
                 req.text, req.stopped_by_string, reason = req.text[:cut], True, "stop"
         if reason is not None:
             self._end(req, reason, now)
@@ -337,10 +340,10 @@ class Engine:
         del self._requests[req.id]
 
     @staticmethod
-    def _find_stop(req: _Request, delta_len: int) -> "int | None":
-        """Where the earliest stop string that ends in the new text starts, if any."""
+    def _find_stop(req: _Request, delta_len: int) -> "tuple[int, str] | None":
+        """(where it starts, which) of the earliest stop string that ends in the new text, if any."""
         start = max(0, len(req.text) - delta_len - req.holdback)
-        hits = [i for i in (req.text.find(s, start) for s in req.params.stop) if i >= 0]
+        hits = [(i, s) for s, i in ((s, req.text.find(s, start)) for s in req.params.stop) if i >= 0]
         return min(hits) if hits else None
 
     # ---- front doors --------------------------------------------------------------------------
@@ -384,6 +387,7 @@ class Engine:
         out = req.output
         out.token_ids = req.tokens
         out.token_models = req.token_models
+        out.stop_reason = req.stop_reason
         out.finish_reason = req.finish_reason
         out.logprobs = req.logprobs if req.params.logprobs else None
         if req.detokenizer is not None:

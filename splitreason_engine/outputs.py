@@ -67,6 +67,7 @@ class RequestOutput:
     error: "str | None" = None
     metrics: "RequestMetrics | None" = None
     token_models: list[int] = field(default_factory=list)  # per token: 0 small model, 1 big model
+    stop_reason: "str | int | None" = None  # with finish_reason "stop": the stop string, or the token id
 
     def segments(self, decode) -> list[tuple[int, str]]:
         """(model, text) runs of consecutive tokens from the same model, decoded with `decode`."""

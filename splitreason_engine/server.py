@@ -135,7 +135,7 @@ def _usage(out: RequestOutput) -> dict:
              "total_tokens": len(out.prompt_token_ids) + len(out.token_ids)}
     if m is not None:
         usage.update(small_tokens=m.small_tokens, big_tokens=m.big_tokens, offload_fraction=m.offload_fraction,
-                     handoffs=m.handoffs, mode=m.mode)
+                     handoffs=m.handoffs, mode=m.mode, latency_per_offloaded_token_s=m.latency_per_offloaded_token)
     return usage
 
 
@@ -232,7 +232,7 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
         def chunk(event):
             out = event.output
             choice = {"index": 0, "text": event.text, "logprobs": None,
-                      "finish_reason": out.finish_reason if out else None}
+                      "finish_reason": out.finish_reason if out else None, "stop_reason": out.stop_reason if out else None}
             body = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": [choice]}
             if out is not None:
                 body["usage"] = _usage(out)
@@ -240,7 +240,8 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
 
         def final(out):
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
+                    "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason,
+                                 "stop_reason": out.stop_reason}],
                     "usage": _usage(out)}
 
         return await run(prompt_for(params, prompt), params, body.get("stream", False), chunk, final)
