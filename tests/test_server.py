@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -212,3 +213,43 @@ def test_overload_answers_503_with_retry_after_and_accepted_requests_complete(pa
         assert s.metric("splitreason_requests_rejected_total") == codes.count(503)
     finally:
         s.close()
+
+
+def test_reference_protocol_over_two_single_model_servers_beside_native_split(pair, server, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import reference_protocol
+
+    small = Server("--small", str(pair[0]), "--kv-cache-bytes", str(1 << 24), "--max-model-len", "512")
+    big = Server("--small", str(pair[1]), "--kv-cache-bytes", str(1 << 24), "--max-model-len", "512")
+    try:
+        report = reference_protocol.main([
+            "--small-url", small.url + "/v1", "--big-url", big.url + "/v1", "--native-url", server.url + "/v1",
+            "--tokenizer", str(pair[0]), "--num-prompts", "3", "--max-tokens", "40", "--chunk", "8",
+            "--small-extra", json.dumps({"logit_bias": SPLIT_BIAS}), "--json", str(tmp_path / "ref.json")])
+    finally:
+        small.close()
+        big.close()
+    assert json.loads((tmp_path / "ref.json").read_text())["config"]["chunk"] == 8
+    for side in ("reference", "native"):
+        r = report[side]
+        assert r["requests"] == 3 and len(r["rows"]) == 3 and r["total_s"] > 0 and r["mean_wall_s"] > 0
+        assert r["big_tokens"] > 0 and r["latency_per_offloaded_token_s"] > 0
+        for row in r["rows"]:
+            assert set(row) == {"wall_s", "big_tokens", "tokens", "latency_per_offloaded_token_s"}
+    assert report["native_over_reference_total"] > 0
+
+
+def test_serve_bench_reports_every_figure(server, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import serve as serve_bench
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2+2?\nName a prime.\n")  # split mode takes text questions
+    summary = serve_bench.main(["--base-url", server.url + "/v1", "--num-requests", "6", "--concurrency", "3",
+                                "--prompts", str(prompts), "--output-len", "8", "--extra", json.dumps({"logit_bias": SPLIT_BIAS}),
+                                "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+    assert summary["completed"] == 6 and summary["status_counts"] == {"200": 6}
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        assert all(summary[key][s] is not None for s in ("mean", "median", "p99"))
+    assert summary["output_tokens_per_s"] > 0 and "offload" in summary
+    assert (tmp_path / "s.png").stat().st_size > 1000 and json.loads((tmp_path / "s.json").read_text())["completed"] == 6
