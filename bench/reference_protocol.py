@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-offload", type=int, default=512)
     p.add_argument("--small-extra", type=json.loads, default={}, help="extra fields for small-model requests (JSON)")
     p.add_argument("--big-extra", type=json.loads, default={}, help="extra fields for big-model requests (JSON)")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="HTTP connections per client at once; further requests queue (default: 128)")
     p.add_argument("--json", metavar="PATH")
     return p.parse_args(argv)
 
@@ -70,7 +72,13 @@ class Client:
             self.model = (await self.http.get(self.url + "/models")).json()["data"][0]["id"]
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                 **self.extra, **fields}
-        r = await self.http.post(self.url + "/completions", json=body)
+        for attempt in range(3):  # a connection the server closed under us is retried, not fatal
+            try:
+                r = await self.http.post(self.url + "/completions", json=body)
+                break
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
+                if attempt == 2:
+                    raise
         r.raise_for_status()
         return r.json()
 
@@ -135,7 +143,10 @@ async def run(args) -> dict:
     questions = ([q for q in args.prompts.read_text().splitlines() if q.strip()] if args.prompts else QUESTIONS)
     questions = [questions[i % len(questions)] for i in range(args.num_prompts)]
     tok = Tokenizer(args.tokenizer)
-    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=2000)) as http:
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout could close one under us.
+    limits = httpx.Limits(max_connections=args.max_connections, max_keepalive_connections=args.max_connections,
+                          keepalive_expiry=1.0)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
         small, big = Client(http, args.small_url, args.small_extra), Client(http, args.big_url, args.big_extra)
         start = time.perf_counter()
         ref_rows = await asyncio.gather(*(reference(small, big, tok, q, args) for q in questions))

@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--vocab", type=int, default=200, help="random prompts: ids drawn from [0, vocab)")
     p.add_argument("--extra", type=json.loads, default={}, help='extra request fields as JSON, e.g. \'{"mode": "split"}\'')
+    p.add_argument("--server-pid", type=int, help="sample this local process's resident memory every second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a plot of latency percentiles")
@@ -95,7 +96,27 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
     return r
 
 
-async def run(args) -> tuple[list[Result], float]:
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+async def sample_memory(pid: int, samples: list[float]) -> None:
+    while True:
+        samples.append(rss_mib(pid))
+        await asyncio.sleep(1.0)
+
+
+async def run(args, memory: list[float]) -> tuple[list[Result], float]:
+    sampler = asyncio.create_task(sample_memory(args.server_pid, memory)) if args.server_pid else None
+    try:
+        return await _run(args)
+    finally:
+        if sampler:
+            sampler.cancel()
+
+
+async def _run(args) -> tuple[list[Result], float]:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=1000)) as client:
         model = args.model or (await client.get(args.base_url + "/models")).json()["data"][0]["id"]
         url = args.base_url + "/completions"
@@ -168,8 +189,11 @@ def plot(summary: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results, wall = asyncio.run(run(args))
+    memory: list[float] = []
+    results, wall = asyncio.run(run(args, memory))
     summary = summarize(results, wall)
+    if memory:
+        summary["server_rss_mib"] = {"first": memory[0], "last": memory[-1], "max": max(memory), "samples": memory}
     summary.update(machine=machine(), config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     print(machine_line(summary["machine"]))
     print(f"{args.base_url}: {summary['completed']}/{summary['requests']} completed in {wall:.2f} s, "
@@ -180,6 +204,9 @@ def main(argv=None) -> dict:
         row = summary[name]
         cells = "".join(f"{1e3 * row[s]:>10.2f}" if row[s] is not None else f"{'-':>10}" for s in ("mean", "median", "p99"))
         print(f"{name[:-2].upper():<12}{cells}")
+    if "server_rss_mib" in summary:
+        m = summary["server_rss_mib"]
+        print(f"server memory (RSS): first {m['first']:.0f} MiB, last {m['last']:.0f} MiB, max {m['max']:.0f} MiB")
     if "offload" in summary:
         o = summary["offload"]
         print(f"offload: {o['big_tokens']} big-model tokens ({100 * o['offload_fraction']:.1f}%), {o['handoffs']} handoffs")
