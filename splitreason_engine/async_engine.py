@@ -5,6 +5,11 @@ and it hands each request's stream events back to the caller's event loop. A str
 closed early (a client that disconnected) aborts its request, so its pages go back to the pool
 at the next loop iteration. Past `max_waiting` queued requests new ones are refused with
 `Overloaded`, so a server can answer 503 instead of queueing without bound.
+
+The engine is built on the loop thread too, from a factory: PyTorch's OpenMP pool belongs to the
+thread that first runs a parallel op, and a second pool on another thread makes libgomp throttle
+both (measured: a third fewer tokens/s on 2 cores when the engine was built on the main thread
+and stepped on another).
 """
 
 import asyncio
@@ -12,7 +17,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .engine import Engine, Prompt
 from .outputs import StreamEvent
@@ -47,19 +52,26 @@ class Snapshot:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int = 256):
+    """`build` makes the Engine (on the loop thread); construction errors are raised here."""
+
+    def __init__(self, build: Callable[[], Engine], max_waiting: int = 256):
         if not isinstance(max_waiting, int) or max_waiting < 1:
             raise ValueError(f"max_waiting must be a positive integer, got {max_waiting!r}")
-        self.engine, self.max_waiting = engine, max_waiting
+        self.max_waiting = max_waiting
         self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._streams: list[_Stream] = []  # loop thread only
         self._lock = threading.Lock()
         self._queued = 0  # submitted and not yet running
-        self.snapshot = Snapshot(pages_held=tuple(0 for _ in engine.models), free_pages=engine.pool.num_pages)
         self.failure: "BaseException | None" = None
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="splitreason-engine", daemon=True)
+        built: "queue.SimpleQueue[BaseException | Engine]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="splitreason-engine", daemon=True)
         self._thread.start()
+        result = built.get()
+        if isinstance(result, BaseException):
+            raise result
+        self.engine: Engine = result
+        self.snapshot = Snapshot(pages_held=tuple(0 for _ in result.models), free_pages=result.pool.num_pages)
 
     @property
     def healthy(self) -> bool:
@@ -101,7 +113,13 @@ class AsyncEngine:
 
     # ---- the loop thread --------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], Engine], built: queue.SimpleQueue) -> None:
+        try:
+            self.engine = build()
+        except BaseException as e:
+            built.put(e)
+            return
+        built.put(self.engine)
         try:
             while not self._stop:
                 self._apply_commands(block=not self._streams)

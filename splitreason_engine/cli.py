@@ -201,10 +201,10 @@ def cmd_serve(args) -> int:
     from .engine import default_model_path
     from .server import build_app
 
-    engine = engine_from_args(args)
     folder = Path(args.small) if args.small else default_model_path()
     name = args.served_model_name or (folder.name if folder.is_dir() else folder.parent.name)
-    app = build_app(AsyncEngine(engine, args.max_waiting), name, chat.load_chat_template(folder if folder.is_dir() else folder.parent))
+    engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)
+    app = build_app(engine, name, chat.load_chat_template(folder if folder.is_dir() else folder.parent))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
