@@ -69,6 +69,14 @@ def prompts_for(args) -> list:
 
 async def one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
     r = Result(start=time.perf_counter())
+    try:
+        return await _stream(client, url, body, r)
+    except httpx.TransportError as e:  # counted, not fatal: status 0 with the error's name
+        r.status, r.usage = 0, {"transport_error": type(e).__name__}
+        return r
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, r: Result) -> Result:
     last = None
     async with client.stream("POST", url, json=body) as resp:
         r.status = resp.status_code
@@ -117,7 +125,9 @@ async def run(args, memory: list[float]) -> tuple[list[Result], float]:
 
 
 async def _run(args) -> tuple[list[Result], float]:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=1000)) as client:
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout could close one under us.
+    limits = httpx.Limits(max_connections=1000, keepalive_expiry=1.0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         model = args.model or (await client.get(args.base_url + "/models")).json()["data"][0]["id"]
         url = args.base_url + "/completions"
         bodies = [{"model": model, "prompt": p, "max_tokens": args.output_len, "temperature": 0, "stream": True,
@@ -144,7 +154,8 @@ async def _run(args) -> tuple[list[Result], float]:
 
 def summarize(results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.status == 200]
-    statuses = {str(s): sum(r.status == s for r in results) for s in sorted({r.status for r in results})}
+    statuses = {str(s) if s else "transport_error": sum(r.status == s for r in results)
+                for s in sorted({r.status for r in results})}
 
     def stats(values: list[float]) -> dict:
         if not values:
