@@ -232,7 +232,8 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
         def chunk(event):
             out = event.output
             choice = {"index": 0, "text": event.text, "logprobs": None,
-                      "finish_reason": out.finish_reason if out else None, "stop_reason": out.stop_reason if out else None}
+                      "finish_reason": out.finish_reason if out else None, "stop_reason": out.stop_reason if out else None,
+                      "token_models": event.token_models}  # extension: who wrote each new token (0 small, 1 big)
             body = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": [choice]}
             if out is not None:
                 body["usage"] = _usage(out)
@@ -265,7 +266,8 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
             if not sent_role:
                 delta["role"] = "assistant"
                 sent_role.append(True)
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason if out else None}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason if out else None,
+                      "token_models": event.token_models}
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [choice]}
             if out is not None:

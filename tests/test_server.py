@@ -91,6 +91,8 @@ def test_completions_streamed_equals_not_streamed_and_usage_has_offload(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     usage = whole["usage"]
     assert usage["mode"] == "split" and usage["handoffs"] >= 1 and usage["big_tokens"] > 0
+    writers = [m for c in chunks for m in c["choices"][0]["token_models"]]
+    assert len(writers) == usage["completion_tokens"] and sum(writers) == usage["big_tokens"]
     assert usage["small_tokens"] + usage["big_tokens"] == usage["completion_tokens"]
     timing = "latency_per_offloaded_token_s"
     assert usage[timing] > 0
