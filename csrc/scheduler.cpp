@@ -133,14 +133,18 @@ void Scheduler::preempt(Request* request) {
   ++num_preemptions_;
 }
 
-void Scheduler::plan(Request* r, int32_t model, int32_t count, bool sample, std::vector<int32_t>& budget) {
+void Scheduler::plan(Request* r, int32_t model, int32_t count, bool sample) {
   plans_[model].push_back({r, r->views[model].num_computed, count, sample});
-  budget[model] -= count;
+  budget_[model] -= count;
 }
 
 void Scheduler::unplan(const Request* r) {
-  for (auto& plan : plans_)
-    plan.erase(std::remove_if(plan.begin(), plan.end(), [r](const Entry& e) { return e.request == r; }), plan.end());
+  for (int32_t m = 0; m < num_models(); ++m) {
+    auto& plan = plans_[m];
+    auto gone = std::stable_partition(plan.begin(), plan.end(), [r](const Entry& e) { return e.request != r; });
+    for (auto it = gone; it != plan.end(); ++it) budget_[m] += it->count;  // its tokens go back to the step
+    plan.erase(gone, plan.end());
+  }
 }
 
 bool Scheduler::make_room(const Request* r) {
@@ -161,29 +165,29 @@ bool Scheduler::make_room(const Request* r) {
   return victim != r;
 }
 
-bool Scheduler::plan_foreground(Request* r, std::vector<int32_t>& budget, bool may_evict) {
+bool Scheduler::plan_foreground(Request* r, bool may_evict) {
   for (int32_t m = 0; m < num_models(); ++m) {
     View& view = r->views[m];
     if (view.run != Run::kForeground) continue;
     const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
-    const int32_t count = std::min(pending, budget[m]);
+    const int32_t count = std::min(pending, budget_[m]);
     if (count == 0) continue;
     while (!reserve_pages(view, m, view.num_computed + count)) {
       if (!may_evict || !make_room(r)) return false;
     }
-    plan(r, m, count, view.num_computed + count == static_cast<int32_t>(view.tokens.size()), budget);
+    plan(r, m, count, view.num_computed + count == static_cast<int32_t>(view.tokens.size()));
   }
   return true;
 }
 
 void Scheduler::schedule() {
-  std::vector<int32_t> budget(num_models(), config_.max_num_batched_tokens);
+  budget_.assign(num_models(), config_.max_num_batched_tokens);
   for (auto& plan : plans_) plan.clear();
 
   // Running requests first, oldest first; make room by dropping idle views, then preempting.
   const int64_t preemptions_before = num_preemptions_;
   for (size_t i = 0; i < running_.size(); ++i)
-    if (!plan_foreground(running_[i], budget, /*may_evict=*/true)) break;  // it preempted itself
+    if (!plan_foreground(running_[i], /*may_evict=*/true)) break;  // it preempted itself
   const bool preempted = num_preemptions_ != preemptions_before;
 
   // Then admit waiting requests in arrival order while seats, pages and budget last; not in a
@@ -194,16 +198,13 @@ void Scheduler::schedule() {
     bool fits = false;  // some foreground view has work its model's batch can take
     for (int32_t m = 0; m < num_models(); ++m) {
       const View& v = r->views[m];
-      fits |= v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed && budget[m] > 0;
+      fits |= v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed && budget_[m] > 0;
     }
     if (!fits) {  // this model's batch is full; the other model's requests may still fit
       ++it;
       continue;
     }
-    if (!plan_foreground(r, budget, /*may_evict=*/false)) {
-      for (const auto& plan : plans_)
-        for (const Entry& e : plan)
-          if (e.request == r) budget[&plan - plans_.data()] += e.count;
+    if (!plan_foreground(r, /*may_evict=*/false)) {
       unplan(r);
       release_views(r);
       break;
@@ -217,9 +218,9 @@ void Scheduler::schedule() {
   for (Request* r : running_)
     for (int32_t m = 0; m < num_models(); ++m) {
       View& view = r->views[m];
-      const int32_t count = std::min(static_cast<int32_t>(view.tokens.size()) - view.num_computed, budget[m]);
+      const int32_t count = std::min(static_cast<int32_t>(view.tokens.size()) - view.num_computed, budget_[m]);
       if (view.run == Run::kBackground && count > 0 && reserve_pages(view, m, view.num_computed + count))
-        plan(r, m, count, /*sample=*/false, budget);
+        plan(r, m, count, /*sample=*/false);
     }
 
   for (int32_t m = 0; m < num_models(); ++m) fill(m, plans_[m]);
@@ -276,7 +277,6 @@ bool Scheduler::finish(int64_t id) {
   if (it == requests_.end()) return false;
   Request* r = it->second.get();
   release_views(r);
-  unplan(r);
   if (r->status == Status::kRunning)
     running_.erase(std::find(running_.begin(), running_.end(), r));
   else

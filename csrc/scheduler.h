@@ -112,9 +112,10 @@ class Scheduler {
   };
 
   bool reserve_pages(View& view, int32_t model, int32_t num_tokens);
-  bool plan_foreground(Request* r, std::vector<int32_t>& budget, bool may_evict);
-  void plan(Request* r, int32_t model, int32_t count, bool sample, std::vector<int32_t>& budget);
+  bool plan_foreground(Request* r, bool may_evict);
+  void plan(Request* r, int32_t model, int32_t count, bool sample);
   bool make_room(const Request* r);
+  // Takes a request's entries out of this step's plans and gives their tokens back to the budget.
   void unplan(const Request* r);
   void drop_view(View& view);
   void preempt(Request* request);
@@ -130,6 +131,7 @@ class Scheduler {
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;
   std::vector<std::vector<Entry>> plans_;
+  std::vector<int32_t> budget_;  // tokens each model's batch can still take in the step being planned
   std::vector<BatchBuffers> buffers_;
   std::vector<int32_t> counts_;
   int64_t num_preemptions_ = 0;
