@@ -103,5 +103,5 @@ def printable_ascii_bias(engine) -> dict[int, float]:
 
     pieces = token_bytes(engine.tokenizer)
     tags = set(engine.tags.all)
-    return {i: -100.0 for i, p in enumerate(pieces)
-            if p.decode(errors="replace") not in tags and not all(32 <= b < 127 or b == 10 for b in p) or not p}
+    printable = lambda p: bool(p) and all(32 <= b < 127 or b == 10 for b in p)  # noqa: E731
+    return {i: -100.0 for i, p in enumerate(pieces) if p.decode(errors="replace") not in tags and not printable(p)}

@@ -48,7 +48,6 @@ class Snapshot:
     waiting: int = 0
     pages_held: tuple = ()
     free_pages: int = 0
-    stats: dict = field(default_factory=dict)
 
 
 class AsyncEngine:
@@ -99,12 +98,6 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._commands.put(("abort", stream))
-
-    async def generate(self, prompt: Prompt, params: SamplingParams):
-        """The finished output of one request."""
-        async for event in self.stream(prompt, params):
-            if event.output is not None:
-                return event.output
 
     def shutdown(self) -> None:
         self._stop = True
@@ -176,4 +169,4 @@ class AsyncEngine:
     def _snapshot(self) -> None:
         s = self.engine.scheduler
         self.snapshot = Snapshot(s.num_running, s.num_waiting, tuple(s.pages_held(m) for m in range(s.num_models)),
-                                 s.num_free_pages, self.engine.stats.summary())
+                                 s.num_free_pages)

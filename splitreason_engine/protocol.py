@@ -23,6 +23,7 @@ in the background with spare budget, so a handoff has little left to prefill).
 """
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class Flow:
+class Flow(ABC):
     """What one request's views read next, driven by the tokens sampled for it."""
 
     def __init__(self, engine: "Engine", req: "_Request"):
@@ -73,11 +74,13 @@ class Flow:
         self.sched = engine.scheduler
         self.timer, self.since = "small", req.metrics.arrival_time
 
+    @abstractmethod
     def initial_views(self) -> tuple[list[list[int]], list[int]]:
-        raise NotImplementedError
+        """Each model's first token stream and run state, for the scheduler's add_request."""
 
+    @abstractmethod
     def on_token(self, model: int, token: int, logprob, now: float) -> None:
-        raise NotImplementedError
+        """Applies one token sampled for this request by `model`."""
 
     def next_index(self) -> int:
         """The sampling-noise index of the next token sampled for this request."""
@@ -157,8 +160,12 @@ class SplitFlow(Flow):
 
     def on_token(self, model, token, logprob, now):
         if model == SMALL:
-            {self.SMALL_PHASE: self._small_writes, self.BIG_PHASE: self._decide, self.PROBE: self._probe}[self.phase](
-                token, logprob, now)
+            if self.phase == self.SMALL_PHASE:
+                self._small_writes(token, logprob, now)
+            elif self.phase == self.BIG_PHASE:
+                self._decide(token, logprob, now)
+            else:
+                self._probe(token, logprob, now)
         elif self.phase == self.PROBE:
             self.held = (token, logprob)
         elif self.phase == self.SMALL_PHASE:

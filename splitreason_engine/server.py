@@ -19,13 +19,11 @@ from .async_engine import AsyncEngine, Overloaded
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 
-# Request fields and the SamplingParams argument each one sets, with the JSON types accepted.
+# Request fields passed to SamplingParams under the same name, with the JSON types accepted.
 _NUMBER, _INT, _BOOL = (int, float), (int,), (bool,)
 _FIELDS = {
-    "max_tokens": ("max_tokens", _INT), "temperature": ("temperature", _NUMBER), "top_p": ("top_p", _NUMBER),
-    "top_k": ("top_k", _INT), "seed": ("seed", _INT), "ignore_eos": ("ignore_eos", _BOOL),
-    "mode": ("mode", (str,)), "max_offload_tokens": ("max_offload_tokens", _INT),
-    "switch_ratio": ("switch_ratio", _NUMBER), "switch_chunk": ("switch_chunk", _INT),
+    "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT, "seed": _INT, "ignore_eos": _BOOL,
+    "mode": (str,), "max_offload_tokens": _INT, "switch_ratio": _NUMBER, "switch_chunk": _INT,
 }
 
 
@@ -99,12 +97,12 @@ class Metrics:
 
 def _params(body: dict) -> SamplingParams:
     kwargs = {}
-    for key, (arg, types) in _FIELDS.items():
+    for key, types in _FIELDS.items():
         if key in body and body[key] is not None:
             value = body[key]
             if not isinstance(value, types) or (isinstance(value, bool) and types is not _BOOL):
                 raise ApiError(400, f"{key} must be of type {'/'.join(t.__name__ for t in types)}", key)
-            kwargs[arg] = value
+            kwargs[key] = value
     if "n" in body and body["n"] not in (None, 1):
         raise ApiError(400, "only n=1 is supported", "n")
     stop = body.get("stop")
