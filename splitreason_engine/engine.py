@@ -275,7 +275,6 @@ class Engine:
                                           self._generator, self.real_vocab[m])
                 sampled.append((m, reqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else None))
             self.stats.model_time[m] += time.perf_counter() - start
-            self.stats.model_steps[m] += 1
         # The small model's rows first: in a big segment they decide whether the big token
         # sampled in the same step is still wanted.
         now = time.perf_counter()

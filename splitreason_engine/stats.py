@@ -19,7 +19,6 @@ class EngineStats:
     handoff_latencies: list[float] = field(default_factory=list)
     offloaded_time: float = 0.0  # catch-up plus big-segment wall time, summed over requests
     model_time: list[float] = field(default_factory=lambda: [0.0, 0.0])  # forward + sampling seconds
-    model_steps: list[int] = field(default_factory=lambda: [0, 0])
 
     def add(self, m: RequestMetrics) -> None:
         self.requests += 1
