@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import demo
+from .demo import evaluate as demo_eval, train as demo_train
 from .engine import Engine
 from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams
@@ -15,7 +17,7 @@ from .sampling import MODES, SamplingParams
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models and engine")
     g.add_argument("--small", metavar="PATH", help="small model: a Hugging Face checkpoint folder (config.json, "
-                   "safetensors, tokenizer.json); default: the embedded tiny Qwen2 with random weights")
+                   "safetensors, tokenizer.json); default: the shipped demo pair (small and big)")
     g.add_argument("--big", metavar="PATH", help="big model checkpoint folder (same tokenizer as the small one); "
                    "with it the default mode is split")
     g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
@@ -32,7 +34,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once (default: 256)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step per model, prefill chunks included (default: 2048)")
-    g.add_argument("--seed", type=int, default=0, help="engine seed: dummy weights, unseeded sampling (default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="engine seed: dummy weights, unseeded sampling; in eval-demo also which problems and "
+                   "random mode's draws (default: 0)")
     g.add_argument("--catch-up", choices=CATCH_UP_POLICIES, default="lazy",
                    help="when the big model reads the small model's text: at each handoff (lazy) or in the "
                         "background with spare batch budget (eager) (default: lazy)")
@@ -50,7 +53,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--switch-chunk", type=int, default=16, help="random mode: tokens per chunk (default: 16)")
     g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
-    g.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default: 128)")
+    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default: 256)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
@@ -85,11 +88,44 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queued requests beyond which new ones get 503 with Retry-After (default: 256)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the small model's folder name)")
     add_engine_options(serve)
+    train = sub.add_parser("train-demo", help="train the demo model pair (small with tags, big without)",
+                           description="Trains the demo pair on the synthetic multiplication-chain task: the small "
+                                       "model on traces whose hard steps are wrapped in <bigmodel> tags, the big one "
+                                       "(about ten times larger) on the same traces without tags. Deterministic "
+                                       "from --seed; writes OUT/small and OUT/big as checkpoint folders.")
+    train.add_argument("--out", required=True, type=Path, help="folder for small/ and big/")
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights and the training problems (default: 0)")
+    train.add_argument("--small-steps", type=int, default=demo_train.SMALL_STEPS,
+                       help=f"optimizer steps of the small model (default: {demo_train.SMALL_STEPS})")
+    train.add_argument("--big-steps", type=int, default=demo_train.BIG_STEPS,
+                       help=f"optimizer steps of the big model (default: {demo_train.BIG_STEPS})")
+    train.add_argument("--batch-size", type=int, default=32, help="problems per step (default: 32)")
+    ev = sub.add_parser("eval-demo", help="accuracy, offload and wall time of the demo pair per mode",
+                        description="Answers held-out demo problems greedily in small, big, split and random mode "
+                                    "(random's switch ratio matched to split's offload fraction) and prints "
+                                    "accuracy, offload fraction and wall time per mode.")
+    ev.add_argument("--problems", type=int, default=500, help="held-out problems per mode (default: 500)")
+    ev.add_argument("--batch-size", type=int, default=1,
+                    help="problems run at once (default: 1, one at a time: the latency of a single query)")
+    ev.add_argument("--modes", nargs="+", choices=demo_eval.MODES, default=list(demo_eval.MODES),
+                    help="modes to run (default: all four)")
+    ev.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default: 256)")
+    ev.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON, one object per mode")
+    add_engine_options(ev)
     return parser
 
 
+def model_paths(args) -> "tuple[str | Path, str | Path | None]":
+    """The models named on the command line, or the shipped demo pair when none is."""
+    if args.small is None and args.big is None:
+        return demo.pair_paths()
+    if args.small is None:
+        raise ValueError("--big needs --small (the model that writes and marks the offloaded segments)")
+    return args.small, args.big
+
+
 def engine_from_args(args) -> Engine:
-    return Engine(args.small, args.big, device=args.device, dtype=args.dtype, load_format=args.load_format,
+    return Engine(*model_paths(args), device=args.device, dtype=args.dtype, load_format=args.load_format,
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
                   kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -156,7 +192,7 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_from_args(args)
     engine = engine_from_args(args)
-    mode = params.mode or ("split" if args.big else "small")
+    mode = params.mode or ("split" if len(engine.models) > 1 else "small")
     start = time.perf_counter()
     output = None
     tty = sys.stdout.isatty()
@@ -198,11 +234,11 @@ def cmd_serve(args) -> int:
 
     from . import chat
     from .async_engine import AsyncEngine
-    from .engine import default_model_path
     from .server import build_app
 
-    folder = Path(args.small) if args.small else default_model_path()
-    name = args.served_model_name or (folder.name if folder.is_dir() else folder.parent.name)
+    folder = Path(model_paths(args)[0])
+    name = args.served_model_name or ("splitreason-demo" if args.small is None else
+                                      folder.name if folder.is_dir() else folder.parent.name)
     engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)
     app = build_app(engine, name, chat.load_chat_template(folder if folder.is_dir() else folder.parent))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -210,11 +246,47 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train_demo(args) -> int:
+    for name, value in (("--small-steps", args.small_steps), ("--big-steps", args.big_steps),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    logs = demo_train.train_pair(args.out, args.seed, args.small_steps, args.big_steps, args.batch_size)
+    for name, log in logs.items():
+        last = log["steps"][-1]
+        print(f"{name}: {log['parameters'] / 1e6:.2f}M parameters, {log['config']['steps']} steps in "
+              f"{log['train_seconds']:.0f} s, final loss {last['loss']:.4f}, hard-step accuracy "
+              f"{last['hard_step_accuracy']:.3f} -> {args.out / name}")
+    return 0
+
+
+def cmd_eval_demo(args) -> int:
+    from .machine import machine, machine_line
+    if args.problems < 1 or args.batch_size < 1:
+        raise ValueError("--problems and --batch-size must be at least 1")
+    engine = engine_from_args(args)
+    results = demo_eval.evaluate(engine, args.problems, args.seed, args.batch_size, args.max_tokens, args.modes)
+    host = machine()
+    print(machine_line(host))
+    print(f"{args.problems} held-out problems, seed {args.seed}, batch size {args.batch_size}, greedy")
+    print(demo_eval.table(results))
+    for name, met, figures in demo_eval.targets(results):
+        print(f"target {name}: {'meets' if met else 'MISSES'} ({figures})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": host, "problems": args.problems, "seed": args.seed,
+                                         "batch_size": args.batch_size, "modes": demo_eval.as_json(results)},
+                                        indent=2) + "\n")
+    return 0
+
+
 def main(argv: "list[str] | None" = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_serve(args) if args.command == "serve" else cmd_generate(args)
+        commands = {"generate": cmd_generate, "serve": cmd_serve, "train-demo": cmd_train_demo,
+                    "eval-demo": cmd_eval_demo}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -116,10 +116,15 @@ class Oracle:
         self.vocab = self.tok.get_vocab_size(with_added_tokens=True)
         added = {i: t for i, t in self.tok.get_added_tokens_decoder().items()}
         self.hidden = {i for i, t in added.items() if t.special and t.content not in OPEN_TAGS + CLOSE_TAGS}
-        unbyte = {c: b for b, c in bytes_to_unicode().items()}
-        self.bytes = [added[i].content.encode() if i in added else bytes(unbyte[c] for c in self.tok.id_to_token(i))
-                      for i in range(self.vocab)]
-        self.eos = self.tok.token_to_id("<|endoftext|>")
+        if json.loads(self.tok.to_str()).get("decoder", {}).get("type") == "ByteLevel":
+            unbyte = {c: b for b, c in bytes_to_unicode().items()}
+            piece = lambda i: bytes(unbyte[c] for c in self.tok.id_to_token(i))  # noqa: E731
+        else:  # one character per token (the demo pair)
+            piece = lambda i: self.tok.id_to_token(i).encode()  # noqa: E731
+        self.bytes = [added[i].content.encode() if i in added else piece(i) for i in range(self.vocab)]
+        generation = small / "generation_config.json"
+        self.eos = (json.loads(generation.read_text())["eos_token_id"] if generation.is_file()
+                    else self.tok.token_to_id("<|endoftext|>"))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
