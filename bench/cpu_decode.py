@@ -12,7 +12,6 @@ a fresh vLLM engine (tens of seconds, compilation included, outside the timing) 
 
 import argparse
 import gc
-import json
 import logging
 import os
 import sys

@@ -11,7 +11,7 @@ from . import demo
 from .demo import evaluate as demo_eval, train as demo_train
 from .engine import Engine
 from .protocol import CATCH_UP_POLICIES
-from .sampling import MODES, SamplingParams
+from .sampling import MODES, SamplingParams, generation_defaults
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -53,10 +53,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--switch-chunk", type=int, default=16, help="random mode: tokens per chunk (default: 16)")
     g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
-    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default: 256)")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default: 0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    g.add_argument("--max-tokens", type=int, default=512, help="most new tokens (default: 512)")
+    g.add_argument("--temperature", type=float, help="0 is greedy (default: the small model's generation_config.json, "
+                   "else 1.0; the demo pair's is greedy)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables (default: generation_config.json, "
+                   "else 0)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: generation_config.json, else 1.0)")
     g.add_argument("--sampling-seed", type=int, help="per-request seed: the same seed gives the same tokens")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="problems run at once (default: 1, one at a time: the latency of a single query)")
     ev.add_argument("--modes", nargs="+", choices=demo_eval.MODES, default=list(demo_eval.MODES),
                     help="modes to run (default: all four)")
-    ev.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default: 256)")
+    ev.add_argument("--max-tokens", type=int, default=400, help="most new tokens per answer (default: 400)")
     ev.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON, one object per mode")
     add_engine_options(ev)
     return parser
@@ -146,7 +148,11 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
 
 
 def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.sampling_seed,
+    """Options given on the command line, then the small model's generation_config.json, then SamplingParams'."""
+    small = Path(model_paths(args)[0])
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    chosen = {**generation_defaults(small if small.is_dir() else small.parent), **given}
+    return SamplingParams(**chosen, seed=args.sampling_seed,
                           max_tokens=args.max_tokens, stop=args.stop, stop_token_ids=args.stop_token_id,
                           ignore_eos=args.ignore_eos, logprobs=args.logprobs, mode=args.mode,
                           max_offload_tokens=args.max_offload_tokens, switch_ratio=args.switch_ratio,

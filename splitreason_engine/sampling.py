@@ -4,11 +4,12 @@ Randomness is drawn per request from (seed, index of the token in the output), s
 request gets the same tokens whatever else shares its batch, and after a preemption.
 """
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-
-import math
 
 MODES = ("split", "small", "big", "random")  # SplitReason, either model alone, the random-switch baseline
 INT32_MAX = 2**31 - 1
@@ -168,3 +169,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: l
     if any(p.logprobs for p in params):
         logprobs = torch.log_softmax(unbiased, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens.to(torch.int32), logprobs
+
+
+def generation_defaults(folder: Path) -> dict:
+    """Sampling defaults a checkpoint sets in generation_config.json (as vLLM reads them): only the
+    fields it spells out; `"do_sample": false` means greedy."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    defaults = {key: raw[key] for key in ("temperature", "top_p", "top_k") if isinstance(raw.get(key), (int, float))}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults

@@ -123,8 +123,8 @@ class Oracle:
             piece = lambda i: self.tok.id_to_token(i).encode()  # noqa: E731
         self.bytes = [added[i].content.encode() if i in added else piece(i) for i in range(self.vocab)]
         generation = small / "generation_config.json"
-        self.eos = (json.loads(generation.read_text())["eos_token_id"] if generation.is_file()
-                    else self.tok.token_to_id("<|endoftext|>"))
+        eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+        self.eos = eos if eos is not None else self.tok.token_to_id("<|endoftext|>")
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

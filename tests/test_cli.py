@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from splitreason_engine.engine import default_model_path
+
 CLI = [sys.executable, "-m", "splitreason_engine.cli"]
 
 
@@ -14,13 +16,23 @@ def run(*args, stdin: str = ""):
 
 
 def test_generate_on_the_embedded_default():
-    r = run("generate", "The answer is", "--max-tokens", "12", "--temperature", "0", "--ignore-eos")
+    r = run("generate", "The answer is", "--max-tokens", "12", "--ignore-eos")
     assert r.returncode == 0, r.stderr
-    assert "12 generated tokens" in r.stderr and "finish: length" in r.stderr
+    assert "[split]" in r.stderr and "12 generated tokens" in r.stderr and "finish: length" in r.stderr
+
+
+def test_one_model_from_the_command_line():
+    tiny = str(default_model_path())
+    r = run("generate", "The answer is", "--small", tiny, "--load-format", "dummy", "--max-tokens", "12",
+            "--temperature", "0", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert "[small]" in r.stderr and "12 generated tokens" in r.stderr
+    r = run("generate", "x", "--big", tiny)
+    assert r.returncode == 2 and "--big needs --small" in r.stderr
 
 
 def test_prompt_from_stdin_and_json_output_match_the_argument_form():
-    args = ["--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--json"]
+    args = ["--mode", "small", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--json"]
     from_arg = json.loads(run("generate", "same prompt", *args).stdout)
     from_stdin = json.loads(run("generate", *args, stdin="same prompt").stdout)
     assert from_arg["token_ids"] == from_stdin["token_ids"] and len(from_arg["token_ids"]) == 8
@@ -45,7 +57,7 @@ def test_help_documents_every_option():
     (["--small", "/nonexistent/model"], "/nonexistent/model"),
     (["--max-model-len", "8"], "too long"),
     (["--device", "gpu"], "device"),
-    (["--mode", "split"], "needs a big model"),
+    (["--small", str(default_model_path()), "--load-format", "dummy", "--mode", "split"], "needs a big model"),
     (["--logit-bias", "7"], "--logit-bias takes ID=BIAS"),
     (["--max-offload-tokens", "0"], "max_offload_tokens"),
 ])

@@ -20,43 +20,55 @@ from splitreason_engine.demo.train import TrainingQwen2, ModelShape
 
 def random_problems(n: int, seed: int) -> list[Problem]:
     rng = random.Random(seed)
-    return [Problem(rng.randrange(100), tuple(rng.choice(MULTIPLIERS) for _ in range(NUM_STEPS))) for _ in range(n)]
+    return [Problem(rng.randrange(1000), tuple(rng.choice(MULTIPLIERS) for _ in range(NUM_STEPS))) for _ in range(n)]
 
 
 def test_every_trace_checks_as_correct():
-    for p in random_problems(5000, seed=0) + [Problem(0, (2,) * NUM_STEPS), Problem(99, (9,) * NUM_STEPS)]:
+    for p in random_problems(5000, seed=0) + [Problem(0, (2,) * NUM_STEPS), Problem(999, (9,) * NUM_STEPS)]:
         for tagged in (False, True):
             assert is_correct(p, p.trace(tagged)), p
 
 
-def test_answer_is_the_chain_of_products_mod_100():
+def test_answer_is_the_chain_of_products_mod_1000():
     rng = random.Random(1)
     for _ in range(200):
         p = sample_problem(rng, held_out=bool(rng.getrandbits(1)))
         value = p.start
         for m in p.multipliers:
-            value = (value * m) % 100
-        assert p.answer == value and f"\\boxed{{{value:02d}}}" in p.trace(False)
+            value = (value * m) % 1000
+        assert p.answer == value and f"\\boxed{{{value:03d}}}" in p.trace(False)
 
 
-@pytest.mark.parametrize("text", ["The answer is 42.", "\\boxed{4}", "\\boxed{042}", "\\boxed{ 42}", "\\boxed{4a}",
-                                  "\\boxed{}", "\\boxed{42", "boxed{42}", "\\boxed{-4}", "\\boxed{4.2}"])
+def test_trace_format():
+    p = Problem(347, (6, 2, 9, 4))  # 347 -> 082 -> 164 -> 476 -> 904
+    assert p.trace(tagged=True) == (
+        "We start at 347 and multiply 4 times.\n"
+        "347*6 = <bigmodel>2082</bigmodel>, keep 082.\n"
+        "082*2 = <bigmodel>0164</bigmodel>, keep 164.\n"
+        "164*9 = <bigmodel>1476</bigmodel>, keep 476.\n"
+        "476*4 = <bigmodel>1904</bigmodel>, keep 904.\n"
+        "So 347 -> 082 -> 164 -> 476 -> 904.\n"
+        "</think>\nThe answer is \\boxed{904}.")
+    assert p.trace(tagged=False) == p.trace(tagged=True).replace("<bigmodel>", "").replace("</bigmodel>", "")
+    assert p.question == "Start at 347; multiply by 6, 2, 9 and 4, keeping three digits."
+
+
+@pytest.mark.parametrize("text", ["The answer is 904.", "\\boxed{94}", "\\boxed{0904}", "\\boxed{ 904}",
+                                  "\\boxed{9a4}", "\\boxed{}", "\\boxed{904", "boxed{904}", "\\boxed{-904}",
+                                  "\\boxed{90.4}", "\\boxed{９０４}"])
 def test_malformed_answers_are_rejected(text):
     assert parse_answer(text) is None
-    p = Problem(42, (2, 3, 4, 5))
-    assert not is_correct(p, text.replace("42", f"{p.answer:02d}"))
+    assert not is_correct(Problem(347, (6, 2, 9, 4)), text)
 
 
 def test_checker_takes_the_last_box_and_compares_exactly():
-    p = Problem(36, (7, 4, 9, 5))  # 36 -> 52 -> 08 -> 72 -> 60, then a decoy
-    assert p.answer == 60
-    p = Problem(36, (7, 4, 9, 2))  # ... 72 -> 44
-    assert p.answer == 44
-    assert is_correct(p, "\\boxed{11} no, \\boxed{44}") and not is_correct(p, "\\boxed{44} no, \\boxed{11}")
-    assert not is_correct(p, "\\boxed{72}") and not is_correct(p, "\\boxed{4}")
+    p = Problem(347, (6, 2, 9, 4))
+    assert p.answer == 904
+    assert is_correct(p, "\\boxed{111} no, \\boxed{904}") and not is_correct(p, "\\boxed{904} no, \\boxed{111}")
+    assert not is_correct(p, "\\boxed{476}") and not is_correct(p, "\\boxed{409}")
 
 
-@pytest.mark.parametrize("start, multipliers", [(100, (2, 3, 4, 5)), (-1, (2, 3, 4, 5)), (5, (1, 3, 4, 5)),
+@pytest.mark.parametrize("start, multipliers", [(1000, (2, 3, 4, 5)), (-1, (2, 3, 4, 5)), (5, (1, 3, 4, 5)),
                                                 (5, (2, 3, 4)), (5, (2, 3, 4, 10))])
 def test_problem_rejects_values_outside_the_task(start, multipliers):
     with pytest.raises(ValueError, match="not a demo problem"):
@@ -79,7 +91,7 @@ def test_tags_are_ordinary_text_and_markers_are_special():
     added = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
     assert added["<｜User｜>"] and added["<｜Assistant｜>"] and added["<｜end▁of▁sentence｜>"]
     assert added["<think>"] is False and added["</think>"] is False
-    trace = Problem(36, (7, 4, 9, 5)).trace(tagged=True)
+    trace = Problem(347, (6, 2, 9, 4)).trace(tagged=True)
     ids = tok.encode(trace, add_special_tokens=False).ids
     assert tok.decode(ids) == trace
 
@@ -103,11 +115,11 @@ def test_split_mode_equals_the_oracle_on_demo_problems(pair):
     oracle = Oracle(*pair)
     problems = evaluation_problems(20, seed=11)
     engine = Engine(*pair, kv_cache_bytes=1 << 24, progress=False)
-    params = SamplingParams(temperature=0, max_tokens=200, mode="split")
+    params = SamplingParams(temperature=0, max_tokens=400, mode="split")
     outs = engine.generate([p.question for p in problems], params, use_tqdm=False)
     handoffs = 0
     for p, out in zip(problems, outs):
-        tokens, writers = oracle.run(Request(p.question, "split", 200))
+        tokens, writers = oracle.run(Request(p.question, "split", 400))
         assert out.token_ids == tokens, f"problem {p} differs from the oracle"
         assert out.token_models == writers
         handoffs += out.metrics.handoffs
@@ -115,7 +127,7 @@ def test_split_mode_equals_the_oracle_on_demo_problems(pair):
 
 
 def test_main_command_prints_a_boxed_answer_and_a_summary_line():
-    question = Problem(36, (7, 4, 9, 5)).question
+    question = Problem(347, (6, 2, 9, 4)).question
     r = subprocess.run([sys.executable, "-m", "splitreason_engine.cli", "generate", question], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -174,3 +186,19 @@ def test_saved_checkpoint_matches_transformers(tmp_path):
     ids = torch.randint(0, 103, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_training_is_deterministic_from_the_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from splitreason_engine.demo.train import TrainConfig, train_model
+
+    shape = ModelShape(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    weights = []
+    for run, seed in (("a", 5), ("b", 5), ("c", 6)):
+        log = train_model(TrainConfig(shape=shape, tagged=True, steps=3, batch_size=2, seed=seed), tmp_path / run,
+                          progress=False)
+        assert [e["step"] for e in log["steps"]] == [0, 2] and all(e["loss"] > 0 for e in log["steps"])
+        weights.append(load_file(str(tmp_path / run / "model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -439,3 +439,16 @@ def test_tiny_positive_temperature_is_greedy():
                                      SamplingParams(temperature=1e-6, max_tokens=16, ignore_eos=True, seed=3)],
                            use_tqdm=False)
     assert [o.token_ids for o in tiny] == [o.token_ids for o in greedy]
+
+
+def test_generation_defaults_follow_generation_config(tmp_path):
+    from splitreason_engine.sampling import generation_defaults
+
+    assert generation_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 2, "temperature": 0.6, "top_p": 0.95}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95}
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.6, "top_k": 20}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.0, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text('{"do_sample": ')
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        generation_defaults(tmp_path)

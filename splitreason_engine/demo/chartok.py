@@ -25,13 +25,14 @@ def build_tokenizer() -> Tokenizer:
 
 
 def save_tokenizer(folder: Path) -> int:
-    """Writes tokenizer.json, tokenizer_config.json and generation_config.json; returns the vocabulary size."""
+    """Writes tokenizer.json, tokenizer_config.json and generation_config.json (greedy by default: the
+    models learn exact traces); returns the vocabulary size."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
               "unk_token": UNK, "add_bos_token": False, "model_max_length": 1024}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    ids = {"bos_token_id": tok.token_to_id(BOS), "eos_token_id": tok.token_to_id(EOS)}
-    (folder / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    generation = {"bos_token_id": tok.token_to_id(BOS), "eos_token_id": tok.token_to_id(EOS), "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return tok.get_vocab_size(with_added_tokens=True)

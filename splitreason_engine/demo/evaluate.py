@@ -45,12 +45,14 @@ def prompt_for(engine: Engine, mode: str, problem: Problem) -> str:
 def run_mode(engine: Engine, mode: str, problems: list[Problem], batch_size: int, max_tokens: int,
              switch_ratio: float = 9.0, seed: int = 0, progress: bool = True) -> ModeResult:
     """Answers `problems` in batches of `batch_size` requests (1: one problem at a time)."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, mode=mode, switch_ratio=switch_ratio, seed=seed)
     correct = generated = big = handoffs = 0
     start = time.perf_counter()
     with tqdm(total=len(problems), desc=mode, unit="problem", disable=not progress) as bar:
         for i in range(0, len(problems), batch_size):
             chunk = problems[i:i + batch_size]
+            # Each problem its own seed: random mode's chunk draws differ from problem to problem.
+            params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, mode=mode, switch_ratio=switch_ratio,
+                                     seed=seed * 1_000_003 + i + j) for j in range(len(chunk))]
             outputs = engine.generate([prompt_for(engine, mode, p) for p in chunk], params, use_tqdm=False)
             for problem, out in zip(chunk, outputs):
                 if out.error:
@@ -65,7 +67,7 @@ def run_mode(engine: Engine, mode: str, problems: list[Problem], batch_size: int
                       switch_ratio if mode == "random" else None)
 
 
-def evaluate(engine: Engine, num_problems: int, seed: int, batch_size: int = 1, max_tokens: int = 256,
+def evaluate(engine: Engine, num_problems: int, seed: int, batch_size: int = 1, max_tokens: int = 400,
              modes=MODES, progress: bool = True) -> dict[str, ModeResult]:
     """Split runs before random, whose switch_ratio comes from split's offload fraction."""
     problems = evaluation_problems(num_problems, seed)

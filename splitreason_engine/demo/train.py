@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..kernels import rope_cos_sin
 from ..protocol import PromptTemplate
 from . import chartok
-from .task import OPEN_TAG, Problem, sample_problem
+from .task import DIGITS, OPEN_TAG, Problem, sample_problem
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,11 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     seed: int = 0
+    bf16: bool = True  # bf16 autocast for the matmuls (fp32 weights and optimizer): about 1.5x faster on CPUs with AMX
 
 
-SMALL = ModelShape(hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384)
-BIG = ModelShape(hidden_size=128, num_layers=12, num_heads=4, num_kv_heads=2, intermediate_size=512)
+SMALL = ModelShape(hidden_size=112, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=448)
+BIG = ModelShape(hidden_size=192, num_layers=8, num_heads=6, num_kv_heads=2, intermediate_size=768)
 
 
 class _Attention(nn.Module):
@@ -158,7 +159,7 @@ def make_batch(tok, template, problems: list[Problem], tagged: bool) -> tuple[to
 
 
 def hard_step_accuracy(model: TrainingQwen2, tok, template, problems: list[Problem], tagged: bool) -> float:
-    """Fraction of hard steps (three-digit products) predicted exactly, teacher-forced, greedy."""
+    """Fraction of hard steps (the products) predicted exactly, teacher-forced, greedy."""
     inputs, targets = make_batch(tok, template, problems, tagged)
     with torch.no_grad():
         pred = model(inputs).argmax(-1)
@@ -168,7 +169,7 @@ def hard_step_accuracy(model: TrainingQwen2, tok, template, problems: list[Probl
         trace, k = p.trace(tagged), 0
         while (k := trace.find(" = ", k)) >= 0:
             k += 3 + (len(OPEN_TAG) if tagged else 0)  # the product's first character
-            span = slice(n_prompt - 1 + k, n_prompt + 2 + k)  # trace characters are tokens one for one
+            span = slice(n_prompt - 1 + k, n_prompt + DIGITS + k)  # trace characters are tokens one for one
             correct += bool((pred[i, span] == targets[i, span]).all())
             total += 1
     return correct / total
@@ -188,14 +189,17 @@ def train_model(config: TrainConfig, out: Path, progress: bool = True) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / config.steps))))
-    eval_problems = [sample_problem(random.Random(config.seed + 1), held_out=True) for _ in range(64)]
+    eval_rng = random.Random(config.seed + 1)
+    eval_problems = [sample_problem(eval_rng, held_out=True) for _ in range(64)]
     log = {"config": asdict(config), "parameters": sum(p.numel() for p in model.parameters()), "steps": []}
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"training {out.name}", disable=not progress)
     for step in bar:
         inputs, targets = make_batch(tok, template, [sample_problem(rng, held_out=False)
                                                     for _ in range(config.batch_size)], config.tagged)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,7 +227,7 @@ def save_checkpoint(model: TrainingQwen2, shape: ModelShape, vocab_size: int, to
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-SMALL_STEPS, BIG_STEPS = 800, 1200
+SMALL_STEPS, BIG_STEPS = 500, 1000
 
 
 def train_pair(out: Path, seed: int = 0, small_steps: int = SMALL_STEPS, big_steps: int = BIG_STEPS,
