@@ -246,7 +246,8 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or ("splitreason-demo" if args.small is None else
                                       folder.name if folder.is_dir() else folder.parent.name)
     engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)
-    app = build_app(engine, name, chat.load_chat_template(folder if folder.is_dir() else folder.parent))
+    checkpoint = folder if folder.is_dir() else folder.parent
+    app = build_app(engine, name, chat.load_chat_template(checkpoint), generation_defaults(checkpoint))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

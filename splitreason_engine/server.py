@@ -95,8 +95,9 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _params(body: dict) -> SamplingParams:
-    kwargs = {}
+def _params(body: dict, defaults: dict) -> SamplingParams:
+    """`defaults`: the checkpoint's generation_config.json sampling fields, for what the request omits."""
+    kwargs = dict(defaults)
     for key, types in _FIELDS.items():
         if key in body and body[key] is not None:
             value = body[key]
@@ -137,7 +138,9 @@ def _usage(out: RequestOutput) -> dict:
     return usage
 
 
-def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" = None) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" = None,
+              sampling_defaults: "dict | None" = None) -> FastAPI:
+    sampling_defaults = sampling_defaults or {}
     app = FastAPI(title="splitreason-engine")
     metrics = Metrics()
     app.state.engine, app.state.metrics = engine, metrics
@@ -224,7 +227,7 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
                                             all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
             raise ApiError(400, "prompt must be a string or a list of token ids", "prompt")
-        params = _params(body)
+        params = _params(body, sampling_defaults)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(event):
@@ -254,7 +257,7 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
             raise ApiError(400, str(e), "messages") from None
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body["max_tokens"] = body["max_completion_tokens"]
-        params = _params(body)
+        params = _params(body, sampling_defaults)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sent_role = []
 

@@ -255,3 +255,25 @@ def test_serve_bench_reports_every_figure(server, tmp_path):
         assert all(summary[key][s] is not None for s in ("mean", "median", "p99"))
     assert summary["output_tokens_per_s"] > 0 and "offload" in summary
     assert (tmp_path / "s.png").stat().st_size > 1000 and json.loads((tmp_path / "s.json").read_text())["completed"] == 6
+
+
+def test_demo_pair_is_the_default_and_its_generation_config_makes_it_greedy():
+    from splitreason_engine import Engine, SamplingParams
+    from splitreason_engine.demo import pair_paths
+    from splitreason_engine.demo.task import Problem
+
+    question = Problem(347, (6, 2, 9, 4)).question
+    expected = Engine(*pair_paths(), kv_cache_bytes=1 << 24, progress=False).generate(
+        [question], SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0].text
+    demo = Server()
+    try:
+        assert [m["id"] for m in httpx.get(demo.url + "/v1/models").json()["data"]] == ["splitreason-demo"]
+        for seed in (1, 2):  # no temperature in the request: the checkpoint's do_sample=false applies
+            r = httpx.post(demo.url + "/v1/completions", json={"prompt": question, "max_tokens": 400, "seed": seed},
+                           timeout=120).json()
+            assert r["choices"][0]["text"] == expected and r["usage"]["handoffs"] == 4
+        sampled = httpx.post(demo.url + "/v1/completions", timeout=120, json={
+            "prompt": question, "max_tokens": 400, "seed": 3, "temperature": 5.0}).json()
+        assert sampled["choices"][0]["text"] != expected  # an explicit temperature wins
+    finally:
+        demo.close()
