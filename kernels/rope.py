@@ -16,6 +16,11 @@ def rope_cos_sin(head_dim: int, max_positions: int, theta: float, dtype: torch.d
     return torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1).to(dtype)
 
 
+def apply_rope_ref(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [..., T, H, D] by `rope` [T, 2, D] (rows of rope_cos_sin)."""
+    return x * rope[:, 0:1] + x.roll(x.shape[-1] // 2, dims=-1) * rope[:, 1:2]
+
+
 def rope_store_kv_ref(
     qk: torch.Tensor,
     v: torch.Tensor,
@@ -28,7 +33,7 @@ def rope_store_kv_ref(
     rope_cos_sin at each token's position), writes the keys and v [N, Hkv, D] into the paged caches
     ([pages, page_tokens, Hkv, D]) at `slot_mapping` (page * page_tokens + offset; negative slots
     are padding and skipped), and returns the rotated (q, k)."""
-    qk = qk * rope[:, 0:1] + qk.roll(qk.shape[-1] // 2, dims=-1) * rope[:, 1:2]
+    qk = apply_rope_ref(qk, rope)
     q, k = qk.split([qk.shape[1] - v.shape[1], v.shape[1]], dim=1)
     page_tokens = k_cache.shape[1]
     valid = slot_mapping >= 0

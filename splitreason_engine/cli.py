@@ -10,6 +10,8 @@ from pathlib import Path
 from . import demo
 from .demo import evaluate as demo_eval, train as demo_train
 from .engine import Engine
+from .loader import ModelSource
+from .machine import machine, machine_line
 from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams, generation_defaults
 
@@ -126,6 +128,11 @@ def model_paths(args) -> "tuple[str | Path, str | Path | None]":
     return args.small, args.big
 
 
+def small_checkpoint(args) -> Path:
+    """The small model's folder (its tokenizer, chat template and generation_config.json)."""
+    return ModelSource(Path(model_paths(args)[0])).folder
+
+
 def engine_from_args(args) -> Engine:
     return Engine(*model_paths(args), device=args.device, dtype=args.dtype, load_format=args.load_format,
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
@@ -149,9 +156,8 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
 
 def sampling_from_args(args) -> SamplingParams:
     """Options given on the command line, then the small model's generation_config.json, then SamplingParams'."""
-    small = Path(model_paths(args)[0])
     given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
-    chosen = {**generation_defaults(small if small.is_dir() else small.parent), **given}
+    chosen = {**generation_defaults(small_checkpoint(args)), **given}
     return SamplingParams(**chosen, seed=args.sampling_seed,
                           max_tokens=args.max_tokens, stop=args.stop, stop_token_ids=args.stop_token_id,
                           ignore_eos=args.ignore_eos, logprobs=args.logprobs, mode=args.mode,
@@ -242,11 +248,9 @@ def cmd_serve(args) -> int:
     from .async_engine import AsyncEngine
     from .server import build_app
 
-    folder = Path(model_paths(args)[0])
-    name = args.served_model_name or ("splitreason-demo" if args.small is None else
-                                      folder.name if folder.is_dir() else folder.parent.name)
+    checkpoint = small_checkpoint(args)
+    name = args.served_model_name or ("splitreason-demo" if args.small is None else checkpoint.name)
     engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)
-    checkpoint = folder if folder.is_dir() else folder.parent
     app = build_app(engine, name, chat.load_chat_template(checkpoint), generation_defaults(checkpoint))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -268,7 +272,6 @@ def cmd_train_demo(args) -> int:
 
 
 def cmd_eval_demo(args) -> int:
-    from .machine import machine, machine_line
     if args.problems < 1 or args.batch_size < 1:
         raise ValueError("--problems and --batch-size must be at least 1")
     engine = engine_from_args(args)

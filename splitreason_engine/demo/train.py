@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..kernels import rope_cos_sin
+from ..kernels import apply_rope_ref, rope_cos_sin
 from ..protocol import PromptTemplate
 from . import chartok
 from .task import DIGITS, OPEN_TAG, Problem, sample_problem
@@ -78,7 +78,7 @@ class _Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        q, k = (z * rope[:, 0:1] + z.roll(self.head_dim // 2, dims=-1) * rope[:, 1:2] for z in (q, k))
+        q, k = apply_rope_ref(q, rope), apply_rope_ref(k, rope)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -145,9 +145,8 @@ def encode_example(tok, template: PromptTemplate, problem: Problem, tagged: bool
     return prompt_ids + trace_ids + [tok.token_to_id(chartok.EOS)], len(prompt_ids)
 
 
-def make_batch(tok, template, problems: list[Problem], tagged: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets; only the trace and EOS are learned (the prompt is given)."""
-    rows = [encode_example(tok, template, p, tagged) for p in problems]
+def make_batch(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets from encode_example rows; only the trace and EOS are learned (the prompt is given)."""
     width = max(len(ids) for ids, _ in rows) - 1
     inputs = torch.zeros(len(rows), width, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -160,12 +159,12 @@ def make_batch(tok, template, problems: list[Problem], tagged: bool) -> tuple[to
 
 def hard_step_accuracy(model: TrainingQwen2, tok, template, problems: list[Problem], tagged: bool) -> float:
     """Fraction of hard steps (the products) predicted exactly, teacher-forced, greedy."""
-    inputs, targets = make_batch(tok, template, problems, tagged)
+    rows = [encode_example(tok, template, p, tagged) for p in problems]
+    inputs, targets = make_batch(rows)
     with torch.no_grad():
         pred = model(inputs).argmax(-1)
     correct = total = 0
-    for i, p in enumerate(problems):
-        _, n_prompt = encode_example(tok, template, p, tagged)
+    for i, (p, (_, n_prompt)) in enumerate(zip(problems, rows)):
         trace, k = p.trace(tagged), 0
         while (k := trace.find(" = ", k)) >= 0:
             k += 3 + (len(OPEN_TAG) if tagged else 0)  # the product's first character
@@ -183,8 +182,8 @@ def train_model(config: TrainConfig, out: Path, progress: bool = True) -> dict:
     vocab = chartok.save_tokenizer(out)
     padded_vocab = (vocab + 7) // 8 * 8
     model = TrainingQwen2(config.shape, padded_vocab)
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
@@ -195,8 +194,8 @@ def train_model(config: TrainConfig, out: Path, progress: bool = True) -> dict:
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"training {out.name}", disable=not progress)
     for step in bar:
-        inputs, targets = make_batch(tok, template, [sample_problem(rng, held_out=False)
-                                                    for _ in range(config.batch_size)], config.tagged)
+        inputs, targets = make_batch([encode_example(tok, template, sample_problem(rng, held_out=False), config.tagged)
+                                      for _ in range(config.batch_size)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
