@@ -11,7 +11,6 @@ from . import demo
 from .demo import evaluate as demo_eval, train as demo_train
 from .engine import Engine
 from .loader import ModelSource
-from .machine import machine, machine_line
 from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams, generation_defaults
 
@@ -276,17 +275,11 @@ def cmd_eval_demo(args) -> int:
         raise ValueError("--problems and --batch-size must be at least 1")
     engine = engine_from_args(args)
     results = demo_eval.evaluate(engine, args.problems, args.seed, args.batch_size, args.max_tokens, args.modes)
-    host = machine()
-    print(machine_line(host))
-    print(f"{args.problems} held-out problems, seed {args.seed}, batch size {args.batch_size}, greedy")
-    print(demo_eval.table(results))
-    for name, met, figures in demo_eval.targets(results):
-        print(f"target {name}: {'meets' if met else 'MISSES'} ({figures})")
+    text, payload = demo_eval.report(results, args.problems, args.seed, args.batch_size)
+    print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": host, "problems": args.problems, "seed": args.seed,
-                                         "batch_size": args.batch_size, "modes": demo_eval.as_json(results)},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from ..engine import Engine
+from ..machine import machine, machine_line
 from ..sampling import SamplingParams
 from .task import Problem, evaluation_problems, is_correct
 
@@ -112,5 +113,13 @@ def targets(results: dict[str, ModeResult]) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def as_json(results: dict[str, ModeResult]) -> dict:
-    return {mode: {**asdict(r), "tokens_per_s": r.tokens_per_s} for mode, r in results.items()}
+def report(results: dict[str, ModeResult], num_problems: int, seed: int, batch_size: int) -> tuple[str, dict]:
+    """The printed report (machine, table, target checks) and its JSON: one object per mode."""
+    host = machine()
+    checks = targets(results)
+    lines = [machine_line(host), f"{num_problems} held-out problems, seed {seed}, batch size {batch_size}, greedy",
+             table(results)] + [f"target {name}: {'meets' if met else 'MISSES'} ({figures})" for name, met, figures in checks]
+    payload = {"machine": host, "problems": num_problems, "seed": seed, "batch_size": batch_size,
+               "modes": {mode: {**asdict(r), "tokens_per_s": r.tokens_per_s} for mode, r in results.items()},
+               "targets": [{"target": name, "met": met, "figures": figures} for name, met, figures in checks]}
+    return "\n".join(lines), payload
