@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from . import _C
 from .config import parse_dtype
+from .decode_graphs import DecodeGraphs
+from .kernels.ops import select_ops
 from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
@@ -74,6 +76,9 @@ class Engine:
     of the memory free after loading both models (defaults 0.9 on CUDA, 0.05 on the host).
     `template` and `tags` configure the SplitReason protocol; `catch_up` is "lazy" (the big
     model catches up at each handoff) or "eager" (in the background, with spare batch budget).
+    `kernels`: "auto" (the Triton kernels on CUDA, the PyTorch ops on CPU), "torch" or "triton"
+    (on CPU only in Triton's interpreter). `cuda_graphs` (default: on for CUDA) replays decode-only
+    steps from CUDA graphs, one per batch-size bucket.
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
@@ -82,7 +87,7 @@ class Engine:
                  kv_cache_memory_fraction: "float | None" = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: "int | None" = None, seed: int = 0,
                  template: "PromptTemplate | None" = None, tags: "Tags | None" = None, catch_up: str = "lazy",
-                 progress: bool = True):
+                 kernels: str = "auto", cuda_graphs: "bool | None" = None, progress: bool = True):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
@@ -90,6 +95,11 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available to PyTorch")
         self.dtype = parse_dtype(dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        self.ops = select_ops(kernels, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs device='cuda', got device={device!r}")
         for name, value in (("page_tokens", page_tokens), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -114,15 +124,18 @@ class Engine:
             raise ValueError(f"max_model_len must be an integer in [2, {context}] (the models' context), got {max_model_len!r}")
         self.max_model_len = max_model_len
 
-        self.models = [build_model(s, c, self.dtype, self.device, max_model_len, seed + i, progress)
+        self.models = [build_model(s, c, self.dtype, self.device, max_model_len, seed + i, progress, self.ops)
                        for i, (s, c) in enumerate(zip(sources, configs))]
         self.pool = self._build_pool(configs, page_tokens, kv_cache_bytes, kv_cache_memory_fraction)
         logger.info("KV pool: %s", self.pool.describe())
         self.scheduler = _C.Scheduler(self.pool.num_pages, max_num_seqs, max_num_batched_tokens, max_model_len,
                                       [g.page_tokens for g in self.pool.geometries])
-        self.runners = [ModelRunner(m, self.pool.kv_caches[i], self.scheduler.buffers(i),
-                                    self.scheduler.max_pages_per_seq(i), self.device)
-                        for i, m in enumerate(self.models)]
+        self.runners = []
+        for i, m in enumerate(self.models):
+            width = self.scheduler.max_pages_per_seq(i)
+            graphs = DecodeGraphs(m, self.pool.kv_caches[i], max_num_seqs, width, self.device) if cuda_graphs else None
+            self.runners.append(ModelRunner(m, self.pool.kv_caches[i], self.scheduler.buffers(i), width, self.device,
+                                            graphs))
         self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
         self.stats = EngineStats(len(self.models))
         self._generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
+from .kernels.ops import TORCH_OPS, Ops
 from .models.qwen2 import Qwen2ForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -152,12 +153,12 @@ def init_dummy_weights(model: Qwen2ForCausalLM, seed: int, std: float = 0.02, pr
 
 
 def build_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int = 0, progress: bool = True) -> Qwen2ForCausalLM:
-    """`config` is load_config(source), read once by the caller."""
+                max_positions: int, seed: int = 0, progress: bool = True, ops: Ops = TORCH_OPS) -> Qwen2ForCausalLM:
+    """`config` is load_config(source), read once by the caller; `ops` is the op set its steps run."""
     if source.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {source.load_format!r}")
     with torch.device("meta"):  # no time spent on initialisations that get overwritten
-        model = Qwen2ForCausalLM(config, max_positions).to(dtype)
+        model = Qwen2ForCausalLM(config, max_positions, ops).to(dtype)
     model = model.to_empty(device=device)
     model.tie_weights()
     if source.load_format == "dummy":

@@ -7,6 +7,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors; it must be chosen before any kernel is
+    # defined (Triton reads it when @triton.jit runs).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: with as many workers as cores, more threads only
     # oversubscribe the cores (OpenMP spin-waits made the suite several times slower).

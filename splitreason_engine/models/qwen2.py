@@ -1,7 +1,9 @@
 """Qwen2 decoder (R1-Distill-Qwen 1.5B-32B, QwQ-32B) over the shared paged KV pool.
 
 q/k/v and gate/up projections are fused into one matmul each; the loader splits checkpoint
-tensors into them. Attention reads and writes the model's own view of the pool.
+tensors into them. Attention reads and writes the model's own view of the pool. Norms, RoPE + KV
+store, attention and the activation come from the engine's op set (kernels.ops): the PyTorch
+references or the Triton kernels.
 """
 
 from dataclasses import dataclass
@@ -11,8 +13,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..kernels import (add_rms_norm_ref, paged_decode_attention_ref, paged_extend_attention_ref,
-                       rms_norm_ref, rope_cos_sin, rope_store_kv_ref, silu_and_mul_ref)
+from ..kernels import rope_cos_sin
+from ..kernels.ops import TORCH_OPS, Ops
 
 
 @dataclass
@@ -25,6 +27,7 @@ class AttentionBatch:
     seq_lens: torch.Tensor  # [B]
     block_tables: torch.Tensor  # [B, W]
     num_decodes: int  # the first num_decodes sequences have one new token each
+    max_query_len: int = 1  # the longest chunk of new tokens of one sequence (host-side, for extend's grid)
 
     def __post_init__(self):
         # The extend part's offsets, rebased to its first token: computed once, used by every layer.
@@ -32,20 +35,21 @@ class AttentionBatch:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, ops: Ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.eps, self.ops = eps, ops
 
     def forward(self, x: torch.Tensor, residual: "torch.Tensor | None" = None):
         if residual is None:
-            return rms_norm_ref(x, self.weight, self.eps)
-        return add_rms_norm_ref(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
@@ -57,37 +61,40 @@ class Attention(nn.Module):
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, _ = rope_store_kv_ref(qk, v, rope, k_cache, v_cache, batch.slot_mapping)
+        ops = self.ops
+        q, _ = ops.rope_store_kv(qk, v, rope, k_cache, v_cache, batch.slot_mapping)
         d = batch.num_decodes
         if d == batch.seq_lens.shape[0]:
-            out = paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)
+            out = ops.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)
         else:
             out = torch.empty_like(q)
             if d:
-                out[:d] = paged_decode_attention_ref(q[:d], k_cache, v_cache, batch.block_tables[:d],
-                                                     batch.seq_lens[:d], self.scale)
-            out[d:] = paged_extend_attention_ref(q[d:], k_cache, v_cache, batch.block_tables[d:],
-                                                 batch.extend_query_start_loc, batch.seq_lens[d:], self.scale)
-        return self.o_proj(out.view(n, self.q_size))
+                out[:d] = ops.decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.seq_lens[:d],
+                                               self.scale)
+            out[d:] = ops.extend_attention(q[d:], k_cache, v_cache, batch.block_tables[d:],
+                                           batch.extend_query_start_loc, batch.seq_lens[d:], self.scale,
+                                           batch.max_query_len)
+        return self.o_proj(out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, ops: Ops):
         super().__init__()
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.ops = ops
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, ops: Ops):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
+        self.self_attn = Attention(c, ops)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
+        self.mlp = MLP(c, ops)
 
     def forward(self, x, residual, batch, rope, k_cache, v_cache):
         if residual is None:
@@ -100,12 +107,12 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, c: ModelConfig, max_positions: int):
+    def __init__(self, c: ModelConfig, max_positions: int, ops: Ops = TORCH_OPS):
         super().__init__()
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(c, ops) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.tie_weights()
         self.max_positions = max_positions

@@ -1,0 +1,68 @@
+"""The op set a model step runs: the PyTorch references or the Triton kernels, chosen per engine.
+
+Every op has one signature in both sets, so the model code is the same on every device. The Triton
+set is imported only when chosen: a CPU-only install never needs Triton, and on CPU the kernels
+run only in Triton's interpreter (TRITON_INTERPRET=1, read when the kernels are defined).
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .activation import silu_and_mul_ref
+from .norms import add_rms_norm_ref, rms_norm_ref
+from .paged_attention import paged_decode_attention_ref, paged_extend_attention_ref
+from .rope import rope_store_kv_ref
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope_store_kv: Callable
+    decode_attention: Callable
+    extend_attention: Callable  # (..., seq_lens, scale, max_query_len): the host knows the longest chunk
+    silu_and_mul: Callable
+
+
+def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
+    return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+
+
+TORCH_OPS = Ops("torch", rms_norm_ref, add_rms_norm_ref, rope_store_kv_ref, paged_decode_attention_ref, _extend_ref,
+                silu_and_mul_ref)
+
+
+def triton_ops() -> Ops:
+    from .activation_triton import silu_and_mul
+    from .norms_triton import add_rms_norm, rms_norm
+    from .paged_attention_triton import paged_decode_attention, paged_extend_attention
+    from .rope_triton import rope_store_kv
+
+    def extend(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
+        return paged_extend_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                      max_query_len=max_query_len)
+
+    return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, extend, silu_and_mul)
+
+
+def select_ops(kernels: str, device: torch.device) -> Ops:
+    """"auto": the Triton kernels on CUDA, the PyTorch references elsewhere."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    if kernels == "auto":
+        kernels = "triton" if device.type == "cuda" else "torch"
+    if kernels == "torch":
+        return TORCH_OPS
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels='triton' on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                         "before starting Python")
+    try:
+        return triton_ops()
+    except ImportError as e:
+        raise ValueError(f"kernels='triton' needs Triton installed (pip install triton): {e}") from e
