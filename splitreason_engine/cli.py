@@ -10,6 +10,7 @@ from pathlib import Path
 from . import demo
 from .demo import evaluate as demo_eval, train as demo_train
 from .engine import Engine
+from .kernels.ops import KERNEL_CHOICES
 from .loader import ModelSource
 from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams, generation_defaults
@@ -40,6 +41,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--catch-up", choices=CATCH_UP_POLICIES, default="lazy",
                    help="when the big model reads the small model's text: at each handoff (lazy) or in the "
                         "background with spare batch budget (eager) (default: lazy)")
+    g.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="compute ops: the Triton kernels or the PyTorch references (default: auto, Triton on CUDA)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run CUDA decode steps eagerly instead of replaying CUDA graphs")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -137,7 +142,7 @@ def engine_from_args(args) -> Engine:
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
                   kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                  seed=args.seed, catch_up=args.catch_up)
+                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs)
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:
