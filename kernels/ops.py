@@ -15,6 +15,7 @@ from .activation import silu_and_mul_ref
 from .norms import add_rms_norm_ref, rms_norm_ref
 from .paged_attention import paged_decode_attention_ref, paged_extend_attention_ref
 from .rope import rope_store_kv_ref
+from .sample import sample_and_detect_ref
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -28,6 +29,7 @@ class Ops:
     decode_attention: Callable
     extend_attention: Callable  # (..., seq_lens, scale, max_query_len): the host knows the longest chunk
     silu_and_mul: Callable
+    sample_and_detect: Callable
 
 
 def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
@@ -35,7 +37,7 @@ def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sc
 
 
 TORCH_OPS = Ops("torch", rms_norm_ref, add_rms_norm_ref, rope_store_kv_ref, paged_decode_attention_ref, _extend_ref,
-                silu_and_mul_ref)
+                silu_and_mul_ref, sample_and_detect_ref)
 
 
 def triton_ops() -> Ops:
@@ -43,12 +45,14 @@ def triton_ops() -> Ops:
     from .norms_triton import add_rms_norm, rms_norm
     from .paged_attention_triton import paged_decode_attention, paged_extend_attention
     from .rope_triton import rope_store_kv
+    from .sample_triton import sample_and_detect
 
     def extend(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
         return paged_extend_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                       max_query_len=max_query_len)
 
-    return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, extend, silu_and_mul)
+    return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, extend, silu_and_mul,
+               sample_and_detect)
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:

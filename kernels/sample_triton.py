@@ -7,7 +7,7 @@ too, so greedy and plain-temperature rows read their logits once. Filtered rows 
 their thresholds without sorting: over the order-preserving int32 image of the fp32 logits, the
 largest key tau with W(tau) >= target, W(tau) being the weight of the logits whose key is >= tau
 (weight 1 and target k for top-k; mass exp((x - max) / T) within the top-k set and target
-top_p * its total for top-p), testing PIVOTS keys per pass over the row (about 9 passes for 16);
+top_p * its total for top-p), testing PIVOTS keys per pass over the row (at most 8 passes for 16);
 then one more pass runs the race over the logits >= the threshold.
 """
 

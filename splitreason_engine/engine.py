@@ -24,7 +24,7 @@ from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .protocol import BIG, CATCH_UP_POLICIES, SMALL, Flow, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import DetectTables, SamplingParams, sample_and_detect
 from .stats import EngineStats
 from .tags import TagDetector, Tags, token_bytes
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -151,6 +151,7 @@ class Engine:
             self.tokenizer.keep_in_text(self.tags.all)  # tags are text, also for one model alone
             if big is not None:
                 self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
+        self.detect_tables = DetectTables.build(self.detector, self.device)
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -284,21 +285,25 @@ class Engine:
             logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
             if num_samples > 0:
                 reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
-                tokens, logprobs = sample(logits, [r.params for r in reqs], [r.flow.next_index() for r in reqs],
-                                          self._generator, self.real_vocab[m])
-                sampled.append((m, reqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else None))
+                tokens, words, logprobs = sample_and_detect(
+                    logits, [r.params for r in reqs], [r.flow.next_index() for r in reqs], self._generator,
+                    self.real_vocab[m], self.ops.sample_and_detect, [r.flow.detect_state(m) for r in reqs],
+                    self.detect_tables, [r.stop_ids for r in reqs])
+                sampled.append((m, reqs, tokens.tolist(), words.tolist(),
+                                logprobs.tolist() if logprobs is not None else None))
             self.stats.model_time[m] += time.perf_counter() - start
         # The small model's rows first: in a big segment they decide whether the big token
         # sampled in the same step is still wanted.
         now = time.perf_counter()
-        for m, reqs, tokens, logprobs in sampled:
-            for k, (req, token) in enumerate(zip(reqs, tokens)):
+        for m, reqs, tokens, words, logprobs in sampled:
+            for k, (req, token, word) in enumerate(zip(reqs, tokens, words)):
                 if req.finish_reason is None:
-                    req.flow.on_token(m, token, logprobs[k] if logprobs else None, now)
+                    req.flow.on_token(m, token, word, logprobs[k] if logprobs else None, now)
         return ran
 
-    def _commit(self, req: _Request, token: int, model: int, logprob, now: float) -> bool:
-        """Adds one token to the request's output; False once the request has finished."""
+    def _commit(self, req: _Request, token: int, model: int, logprob, now: float, stop: "bool | None" = None) -> bool:
+        """Adds one token to the request's output; False once the request has finished. `stop`: the
+        sampler's verdict on whether the token is one of the request's stop ids (None: look it up)."""
         req.tokens.append(token)
         req.token_models.append(model)
         if model == BIG:
@@ -310,7 +315,7 @@ class Engine:
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         reason = None
-        if token in req.stop_ids:
+        if (token in req.stop_ids) if stop is None else stop:
             reason, req.stop_reason = "stop", token
         elif len(req.tokens) >= req.params.max_tokens:
             reason = "length"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import _C
+from .kernels.sample import CLOSING, STATE_SHIFT, STOP
 from .tags import CLOSE, OPEN
 
 if TYPE_CHECKING:
@@ -79,8 +80,13 @@ class Flow(ABC):
         """Each model's first token stream and run state, for the scheduler's add_request."""
 
     @abstractmethod
-    def on_token(self, model: int, token: int, logprob, now: float) -> None:
-        """Applies one token sampled for this request by `model`."""
+    def on_token(self, model: int, token: int, word: int, logprob, now: float) -> None:
+        """Applies one token sampled for this request by `model`; `word` is the sampler's
+        detection word for it (STOP, and the tag automaton's step from detect_state(model))."""
+
+    def detect_state(self, model: int) -> int:
+        """The tag automaton state the sampler steps on `model`'s next token (-1: none wanted)."""
+        return -1
 
     def next_index(self) -> int:
         """The sampling-noise index of the next token sampled for this request."""
@@ -127,9 +133,9 @@ class SingleFlow(Flow):
         views[self.model], runs[self.model] = list(self.req.prompt), _C.RUN_FOREGROUND
         return views, runs
 
-    def on_token(self, model, token, logprob, now):
+    def on_token(self, model, token, word, logprob, now):
         e = self.engine
-        if e._commit(self.req, token, model, logprob, now):
+        if e._commit(self.req, token, model, logprob, now, stop=bool(word & STOP)):
             e._extend(self.req, model, [token], now)
 
 
@@ -158,33 +164,36 @@ class SplitFlow(Flow):
     def next_index(self):
         return len(self.req.tokens) + len(self.probe)
 
-    def on_token(self, model, token, logprob, now):
+    def detect_state(self, model):
+        # Only the small model's tokens can write tags; its row's state is `det` in every phase.
+        return self.det if model == SMALL else -1
+
+    def on_token(self, model, token, word, logprob, now):
         if model == SMALL:
             if self.phase == self.SMALL_PHASE:
-                self._small_writes(token, logprob, now)
+                self._small_writes(token, word, logprob, now)
             elif self.phase == self.BIG_PHASE:
-                self._decide(token, logprob, now)
+                self._decide(token, word, logprob, now)
             else:
-                self._probe(token, logprob, now)
+                self._probe(token, word, logprob, now)
         elif self.phase == self.PROBE:
-            self.held = (token, logprob)
+            self.held = (token, word, logprob)
         elif self.phase == self.SMALL_PHASE:
             self.req.metrics.rolled_back_tokens += 1  # sampled in the step whose decision closed the segment
         elif self.outstanding:
-            self.held = (token, logprob)
+            self.held = (token, word, logprob)
             self._set_run(BIG, _C.RUN_IDLE)
         else:
-            self._big_writes(token, logprob, now)
+            self._big_writes(token, word, logprob, now)
 
     # ---- small segment ----------------------------------------------------------------------
 
-    def _small_writes(self, token, logprob, now):
+    def _small_writes(self, token, word, logprob, now):
         e, req = self.engine, self.req
-        state, flags = self.detector.step(self.det, token)
-        if not e._commit(req, token, SMALL, logprob, now) or not e._extend(req, SMALL, [token], now):
+        if not e._commit(req, token, SMALL, logprob, now, stop=bool(word & STOP)) or not e._extend(req, SMALL, [token], now):
             return
-        self.det = state
-        if flags & OPEN:
+        self.det = word >> STATE_SHIFT
+        if word & OPEN:
             self._handoff(now)
         elif e.catch_up == "eager" and (len(req.tokens) - self.seg_start) % EAGER_SYNC_EVERY == 0:
             self._sync_big(final=False, now=now)
@@ -220,12 +229,12 @@ class SplitFlow(Flow):
 
     # ---- big segment ------------------------------------------------------------------------
 
-    def _big_writes(self, token, logprob, now):
+    def _big_writes(self, token, word, logprob, now):
         e, req = self.engine, self.req
         if self.seg_big == 0:
             req.metrics.handoff_latencies.append(now - self.tag_time)
             self._time("big", now)
-        if not (e._commit(req, token, BIG, logprob, now) and e._extend(req, BIG, [token], now)
+        if not (e._commit(req, token, BIG, logprob, now, stop=bool(word & STOP)) and e._extend(req, BIG, [token], now)
                 and e._extend(req, SMALL, [token], now)):
             return
         req.metrics.catch_up_tokens[SMALL] += 1
@@ -238,13 +247,13 @@ class SplitFlow(Flow):
             close = e.tokenizer.encode(self.tags.close[0], add_special_tokens=False)
             self._end_segment([(t, None) for t in close], in_small_view=False, now=now)
 
-    def _decide(self, token, logprob, now):
+    def _decide(self, token, word, logprob, now):
         """The small model's next token after reading the newest big token."""
         self.outstanding = False
-        state, flags = self.detector.step(self.det, token)
-        if flags & CLOSE:
+        state = word >> STATE_SHIFT
+        if word & CLOSE:
             self._end_segment([(token, logprob)], in_small_view=False, now=now)
-        elif self.detector.closing[state]:
+        elif word & CLOSING:
             self.phase, self.probe = self.PROBE, [(token, logprob)]
             self.probe_det, self.probe_len = self.det, self.sched.view_size(self.req.id, SMALL)
             self.det = state
@@ -254,14 +263,14 @@ class SplitFlow(Flow):
             held, self.held = self.held, None
             self._big_writes(*held, now)
 
-    def _probe(self, token, logprob, now):
-        state, flags = self.detector.step(self.det, token)
-        if flags & CLOSE:
+    def _probe(self, token, word, logprob, now):
+        state = word >> STATE_SHIFT
+        if word & CLOSE:
             self.probe.append((token, logprob))
             if self.engine._extend(self.req, SMALL, [token], now):
                 self.det = self.probe_det
                 self._end_segment(self.probe, in_small_view=True, now=now)
-        elif self.detector.closing[state] and len(self.probe) < self.detector.max_close_bytes:
+        elif word & CLOSING and len(self.probe) < self.detector.max_close_bytes:
             self.probe.append((token, logprob))
             self.det = state
             self.engine._extend(self.req, SMALL, [token], now)
@@ -316,13 +325,13 @@ class RandomFlow(Flow):
         runs[self.writer] = _C.RUN_FOREGROUND
         return [self.small_ids, self.big_ids], runs
 
-    def on_token(self, model, token, logprob, now):
+    def on_token(self, model, token, word, logprob, now):
         e, req = self.engine, self.req
         if self.awaiting_first_big:
             self.awaiting_first_big = False
             req.metrics.handoff_latencies.append(now - self.switch_time)
             self._time("big", now)
-        if not e._commit(req, token, model, logprob, now) or not e._extend(req, model, [token], now):
+        if not e._commit(req, token, model, logprob, now, stop=bool(word & STOP)) or not e._extend(req, model, [token], now):
             return
         self.synced[model] = len(req.tokens)
         other = 1 - model

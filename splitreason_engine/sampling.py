@@ -1,4 +1,4 @@
-"""Sampling parameters and the batched sampler (PyTorch; the CPU path and the kernels' oracle).
+"""Sampling parameters and the batched sampler, on top of the fused sample-and-detect op.
 
 Randomness is drawn per request from (seed, index of the token in the output), so a seeded
 request gets the same tokens whatever else shares its batch, and after a preemption.
@@ -8,12 +8,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Collection
 
 import torch
 
+from .kernels.sample import GREEDY_BELOW, sample_and_detect_ref
+
+if TYPE_CHECKING:
+    from .tags import TagDetector
+
 MODES = ("split", "small", "big", "random")  # SplitReason, either model alone, the random-switch baseline
 INT32_MAX = 2**31 - 1
-GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -105,70 +110,88 @@ def _noise_seed(seed: int, index: int) -> int:
     return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
 
 
-def exponential_noise(vocab: int, seeds: list["int | None"], indices: list[int],
-                      generator: torch.Generator, device) -> torch.Tensor:
-    """Exp(1) noise per row: seeded rows from their own stream, the others from `generator`."""
-    noise = torch.empty(len(seeds), vocab, device=device)
-    noise.exponential_(generator=generator)
-    for row, (seed, index) in enumerate(zip(seeds, indices)):
-        if seed is not None:
-            g = torch.Generator(device=device).manual_seed(_noise_seed(seed, index))
-            noise[row].exponential_(generator=g)
-    return noise
+def sampling_tensors(params: list[SamplingParams], output_indices: list[int], generator: torch.Generator,
+                     device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature fp32, top_k int32, top_p fp32, keys int64) per row: the fused sampler's inputs.
+
+    Greedy rows get temperature 0 and no filters. Seeded rows' noise keys come from (seed, index of
+    the token in the output); the others' are drawn from `generator` (on `device`), only when some
+    sampled row needs one.
+    """
+    temperature = [0.0 if p.greedy else p.temperature for p in params]
+    top_k = [0 if p.greedy or p.top_k <= 0 else min(p.top_k, INT32_MAX) for p in params]
+    top_p = [1.0 if p.greedy else p.top_p for p in params]
+    keys = [_noise_seed(p.seed, i) if p.seed is not None else 0 for p, i in zip(params, output_indices)]
+    drawn = [p.seed is None and not p.greedy for p in params]
+    keys = torch.tensor(keys, dtype=torch.int64, device=device)
+    if any(drawn):
+        random = torch.randint(0, 2**63 - 1, keys.shape, generator=generator, device=device)
+        keys = torch.where(torch.tensor(drawn, device=device), random, keys)
+    return (torch.tensor(temperature, dtype=torch.float32, device=device),
+            torch.tensor(top_k, dtype=torch.int32, device=device),
+            torch.tensor(top_p, dtype=torch.float32, device=device), keys)
 
 
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor) -> torch.Tensor:
-    """Temperature-scaled logits with entries outside each row's top-k / top-p set to -inf."""
-    logits = logits / temperature[:, None]
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    if bool((k < vocab).any()) or bool((top_p < 1).any()):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=logits.device)[None, :]
-        drop = rank >= k[:, None]
-        # top-p measures mass within the top-k set, renormalised (as HF generate and vLLM do); keep
-        # the smallest prefix whose mass reaches top_p (the token that crosses it stays).
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits
+@dataclass(frozen=True)
+class DetectTables:
+    """A TagDetector's tables on the sampling device; a single all-zero state when there is none."""
+
+    next_state: torch.Tensor  # [S, V] int32
+    flags: torch.Tensor  # [S, V] uint8: OPEN / CLOSE completed inside the token
+    closing: torch.Tensor  # [S] bool: the text ends in a proper prefix of a close tag
+
+    @classmethod
+    def build(cls, detector: "TagDetector | None", device) -> "DetectTables":
+        if detector is None:
+            return cls(torch.zeros(1, 1, dtype=torch.int32, device=device),
+                       torch.zeros(1, 1, dtype=torch.uint8, device=device),
+                       torch.zeros(1, dtype=torch.bool, device=device))
+        return cls(*(torch.from_numpy(t).to(device) for t in (detector.next_state, detector.flags, detector.closing)))
+
+
+def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
+                      generator: torch.Generator, real_vocab: int, op: Callable, det_states: list[int],
+                      tables: DetectTables, stop_ids: list[Collection[int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
+    """Picks one token per row of fp32 `logits` [n, V] and steps its tag automaton in one op
+    (`op`: kernels.sample.sample_and_detect_ref or the Triton kernel); returns (token ids int32,
+    detection words int32, logprobs or None).
+
+    `output_indices[i]` is how many tokens row i's request has generated so far (the noise index);
+    `det_states[i]` its automaton state (-1: no detection), `stop_ids[i]` the ids that stop it.
+    Ids >= `real_vocab` (padding rows of the embedding) are never chosen.
+    """
+    device, n = logits.device, len(params)
+    temperature, top_k, top_p, keys = sampling_tensors(params, output_indices, generator, device)
+    biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
+    x = logits.clone() if biased else logits
+    for row, bias in biased:
+        ids = torch.tensor(list(bias), device=device)
+        x[row, ids] += torch.tensor(list(bias.values()), device=device, dtype=x.dtype)
+    width = max(map(len, stop_ids), default=0)
+    stops = torch.tensor([sorted(s) + [-1] * (width - len(s)) for s in stop_ids], dtype=torch.int32).view(n, width)
+    states = torch.tensor(det_states, dtype=torch.int32)
+    tokens, words, logprobs = op(x, temperature, top_k, top_p, keys, real_vocab, states.to(device),
+                                 tables.next_state, tables.flags, tables.closing, stops.to(device))
+    if not any(p.logprobs for p in params):
+        return tokens, words, None
+    if biased:  # logprobs are those of the unbiased distribution
+        logprobs = torch.log_softmax(logits[:, :real_vocab].float(), dim=-1).gather(1, tokens.long()[:, None]).squeeze(1)
+    return tokens, words, logprobs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
            generator: torch.Generator, real_vocab: int) -> tuple[torch.Tensor, "torch.Tensor | None"]:
-    """Picks one token per row of fp32 `logits` [n, V]; returns (token ids int32, logprobs or None).
-
-    `output_indices[i]` is how many tokens row i's request has generated so far (the noise index).
-    Ids >= `real_vocab` (padding rows of the embedding) are never chosen.
-    """
-    if logits.shape[-1] > real_vocab:
-        logits = logits[:, :real_vocab]
-    biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
-    if biased:
-        unbiased = logits
-        logits = logits.clone()
-        for row, bias in biased:
-            ids = torch.tensor(list(bias), device=logits.device)
-            logits[row, ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+    """sample_and_detect without tags or stop ids, on the op of the logits' device (the Triton
+    kernel on CUDA): (token ids int32, logprobs or None)."""
+    if logits.is_cuda:
+        from .kernels.sample_triton import sample_and_detect as op
     else:
-        unbiased = logits
-    greedy = [p.greedy for p in params]
-    tokens = logits.argmax(dim=-1)
-    if not all(greedy):
-        device = logits.device
-        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-        top_k = torch.tensor([0 if p.greedy else p.top_k for p in params], device=device)
-        top_p = torch.tensor([1.0 if p.greedy else p.top_p for p in params], device=device)
-        probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-        noise = exponential_noise(logits.shape[-1], [p.seed for p in params], output_indices, generator, device)
-        sampled = (probs / noise).argmax(dim=-1)  # exponential race: P(i wins) = probs[i]
-        tokens = torch.where(torch.tensor(greedy, device=device), tokens, sampled)
-    logprobs = None
-    if any(p.logprobs for p in params):
-        logprobs = torch.log_softmax(unbiased, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens.to(torch.int32), logprobs
+        op = sample_and_detect_ref
+    tokens, _, logprobs = sample_and_detect(logits, params, output_indices, generator, real_vocab, op,
+                                            [-1] * len(params), DetectTables.build(None, logits.device),
+                                            [()] * len(params))
+    return tokens, logprobs
 
 
 def generation_defaults(folder: Path) -> dict:

@@ -255,3 +255,18 @@ def test_split_needs_two_models_and_a_text_prompt(pair):
     outs = two.generate([[1, 2, 3], "hi"], SamplingParams(max_tokens=3), use_tqdm=False)  # mode None: split
     assert outs[0].finish_reason == "error" and "question as a string" in outs[0].error
     assert outs[1].metrics.mode == "split" and len(outs[1].token_ids) == 3
+
+
+def test_split_on_the_triton_kernels_matches_the_oracle(text_pair, text_oracle):
+    """Every op a Triton kernel (interpreted on CPU), the sampler's detection words driving the
+    protocol: tags spanning tokens open, close and probe as on the PyTorch path."""
+    tid = text_oracle.tok.token_to_id
+    biases = [(4, 4, 2, 2), (4, 3, 3, 2)]
+    reqs = [Request(QUESTIONS[i], "split", 32, {tid("<"): a, tid("Ġ<"): b, tid("</"): c, tid("Ġ</"): d,
+                                                tid("<|endoftext|>"): -5.0})
+            for i, (a, b, c, d) in enumerate(biases)]
+    engine = Engine(*text_pair, kernels="triton", kv_cache_bytes=1 << 24, max_model_len=320, page_tokens=7,
+                    progress=False)
+    outs = check_against_oracle(engine, text_oracle, reqs)
+    assert sum(o.metrics.handoffs for o in outs) >= 3
+    assert sum(o.metrics.rolled_back_tokens for o in outs) > 0

@@ -1,0 +1,249 @@
+"""The fused sample-and-detect op: the Triton kernel (Triton's interpreter without CUDA) against
+its PyTorch reference, the reference against a plain-Python noise hash and TagDetector.step, and
+the kernel's samples against the filtered distribution.
+
+The interpreter is slow (a filtered row costs tens of milliseconds), so vocabularies are a few
+hundred ids and blocks 128 long: several blocks with a ragged tail. The `gpu` tests run the real
+vocabulary size. Inputs are fresh each run; the seed is in every failure message.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from kernels.sample import CLOSE, CLOSING, OPEN, STATE_SHIFT, STOP, noise_uniform, sample_and_detect_ref
+from kernels.sample_triton import sample_and_detect
+from splitreason_engine import tags
+from splitreason_engine.sampling import SamplingParams, sample
+from splitreason_engine.tags import TagDetector, Tags
+
+BLOCK = 128
+PAD = 35  # padding ids past the real vocabulary, with huge logits
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+# A byte tokenizer plus pieces that complete tags across token boundaries.
+PIECES = [bytes([b]) for b in range(256)] + [b"<big", b"model>", b"<bigmodel>", b"</", b"</big", b"<\\big",
+                                             b" <bigmodel>\n", b"mod", b"el>", b"odel></bigmodel>"]
+# (temperature, top_k, top_p): greedy, plain, top-k, top-p, both, top_k 1, a tiny top_p, top_k past
+# the vocabulary (off), greedy with filters set (ignored).
+KINDS = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 40, 0.6), (0.5, 1, 1.0),
+         (2.0, 0, 0.05), (0.9, 20, 0.95), (1.1, 10**6, 1.0), (0.0, 3, 0.5)]
+
+
+@pytest.fixture
+def seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+@pytest.fixture(scope="module")
+def detector() -> TagDetector:
+    return TagDetector(Tags(), PIECES)
+
+
+def _state_after(detector: TagDetector, text: bytes) -> int:
+    state = 0
+    for b in text:
+        state, _ = detector.step(state, b)
+    return state
+
+
+def _tables(detector: TagDetector, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(detector.next_state).to(device), torch.from_numpy(detector.flags).to(device),
+            torch.from_numpy(detector.closing).to(device))
+
+
+def _poisoned(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.full((n,), -7, dtype=torch.int32, device=device), torch.full((n,), -7, dtype=torch.int32, device=device),
+            torch.full((n,), math.nan, device=device))
+
+
+def _batch(rng: random.Random, g: torch.Generator, n: int, detector: TagDetector, ties: bool) -> dict:
+    """Mixed rows over the detector's vocabulary (+ PAD padding ids); rows 0-2 (of a batch of 3
+    or more) are pushed to complete an open tag, a close tag and a close-tag prefix."""
+    real = len(PIECES)
+    logits = torch.randn(n, real + PAD, generator=g) * (1 + 3 * torch.rand(n, 1, generator=g))
+    if ties:
+        logits = (logits * 2).round() / 2
+    logits[:, real:] = 1e4
+    offset = rng.randrange(len(KINDS))
+    kinds = [KINDS[(i + offset) % len(KINDS)] for i in range(n)]
+    states = [rng.choice([-1, 0, rng.randrange(len(detector.closing))]) for _ in range(n)]
+    forced = [(b"<big", b"model>"), (b"</big", b"model>"), (b"", b"</")]
+    for row, (before, piece) in enumerate(forced[:n] if n >= 3 else []):
+        states[row] = _state_after(detector, before)
+        logits[row, PIECES.index(piece)] = 100.0
+    return dict(logits=logits, temperature=torch.tensor([k[0] for k in kinds]),
+                top_k=torch.tensor([k[1] for k in kinds], dtype=torch.int32), top_p=torch.tensor([k[2] for k in kinds]),
+                keys=torch.randint(0, 2**63 - 1, (n,), generator=g), real_vocab=real,
+                det_states=torch.tensor(states, dtype=torch.int32))
+
+
+def _with_stops(rng: random.Random, args: dict, tokens: torch.Tensor, width: int = 3) -> dict:
+    """Stop ids [n, width] (-1 padded) holding the row's token in about half the rows."""
+    rows = []
+    for token in tokens.tolist():
+        ids = [rng.randrange(args["real_vocab"]) for _ in range(rng.randrange(width))]
+        if rng.random() < 0.5:
+            ids.insert(rng.randrange(len(ids) + 1), token)
+        rows.append(ids[:width] + [-1] * (width - len(ids[:width])))
+    return {**args, "stop_ids": torch.tensor(rows, dtype=torch.int32)}
+
+
+def _on(args: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _expected_words(detector: TagDetector, states: list[int], tokens: list[int], stops: list[list[int]]) -> list[int]:
+    """The detection words by TagDetector.step, one row at a time."""
+    words = []
+    for state, token, ids in zip(states, tokens, stops):
+        word = STOP if token in ids else 0
+        if state >= 0:
+            nxt, flags = detector.step(state, token)
+            word |= (nxt << STATE_SHIFT) | flags | (CLOSING if detector.closing[nxt] else 0)
+        words.append(word)
+    return words
+
+
+def _mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_noise_is_the_documented_hash(seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.cat([torch.randint(0, 2**63 - 1, (5,), generator=g), torch.tensor([0, 2**63 - 1, 2**32 - 1])])
+    u = noise_uniform(keys, 300)
+    for row, key in enumerate(keys.tolist()):
+        for i in (0, 1, 2, 157, 299):
+            h = _mix32(_mix32((i * 0x9E3779B9 + (key & 0xFFFFFFFF)) & 0xFFFFFFFF) ^ (key >> 32))
+            assert float(u[row, i]) == ((h >> 9) + 0.5) * 2.0**-23, f"seed {seed}, key {key}, id {i}"
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01, f"seed {seed}"
+
+
+def test_tag_bits_are_the_detector_flags():
+    assert (OPEN, CLOSE) == (tags.OPEN, tags.CLOSE)
+
+
+@pytest.mark.parametrize("n", [1, 10])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_kernel_matches_reference(seed, detector, n, ties):
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    args = _batch(rng, g, n, detector, ties)
+    tables = dict(zip(("next_state", "tag_flags", "closing"), _tables(detector, CPU)))
+    first, _, _ = sample_and_detect_ref(**args, **tables, stop_ids=torch.empty(n, 0, dtype=torch.int32))
+    args = {**_with_stops(rng, args, first), **tables}
+    tokens, words, logprobs = sample_and_detect_ref(**args)
+    msg = f"seed {seed}"
+    assert torch.equal(tokens, first), msg  # stop ids do not change the draw
+    assert int(tokens.max()) < args["real_vocab"], msg
+    assert words.tolist() == _expected_words(detector, args["det_states"].tolist(), tokens.tolist(),
+                                             args["stop_ids"].tolist()), msg
+    expected_lp = torch.log_softmax(args["logits"][:, :args["real_vocab"]].double(), -1).gather(1, tokens.long()[:, None])
+    torch.testing.assert_close(logprobs.double(), expected_lp.squeeze(1), atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+    if n >= 3:
+        seen = 0
+        for w in words.tolist():
+            seen |= w
+        assert seen & (OPEN | CLOSE | CLOSING | STOP) == OPEN | CLOSE | CLOSING | STOP, msg
+
+    out = _poisoned(n, CPU)
+    got = sample_and_detect(**args, out=out, block=BLOCK)
+    assert all(a is b for a, b in zip(got, out))
+    assert out[0].tolist() == tokens.tolist(), msg
+    assert out[1].tolist() == words.tolist(), msg
+    torch.testing.assert_close(out[2], logprobs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+
+
+def test_kernel_without_stops_or_detection(seed, detector):
+    """No stop ids (K = 0) and every row without detection: words are 0."""
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    args = {**_batch(rng, g, 4, detector, False), **dict(zip(("next_state", "tag_flags", "closing"),
+                                                             _tables(detector, CPU)))}
+    args["det_states"].fill_(-1)
+    args["stop_ids"] = torch.empty(4, 0, dtype=torch.int32)
+    tokens, words, _ = sample_and_detect(**args, block=BLOCK)
+    assert tokens.tolist() == sample_and_detect_ref(**args)[0].tolist(), f"seed {seed}"
+    assert words.tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,n", [(0.8, 0, 1.0, 400), (1.2, 5, 0.7, 200)],
+                         ids=["plain", "top-k-top-p"])
+def test_kernel_samples_follow_filtered_softmax(seed, temperature, top_k, top_p, n):
+    """One row per draw (distinct keys); frequencies within 5 standard errors of the filtered
+    softmax, and nothing sampled outside its support."""
+    logits = torch.tensor([1.5, 0.2, 2.0, -0.4, 1.1, 0.9, -1.5, 0.6])
+    probs = torch.softmax(logits.double() / temperature, 0)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[order[:top_k if top_k > 0 else 8]] = True
+    kept = torch.where(keep, probs, 0.0)
+    kept /= kept.sum()
+    cum = kept[order].cumsum(0)
+    keep[order[int((cum < top_p).sum()) + 1:]] = False
+    expected = torch.where(keep, probs, 0.0)
+    expected /= expected.sum()
+
+    g = torch.Generator().manual_seed(seed)
+    tokens, _, _ = sample_and_detect(
+        logits[None].repeat(n, 1), torch.full((n,), temperature), torch.full((n,), top_k, dtype=torch.int32),
+        torch.full((n,), top_p), torch.randint(0, 2**63 - 1, (n,), generator=g), 8,
+        torch.full((n,), -1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+        torch.zeros(1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.bool), torch.empty(n, 0, dtype=torch.int32))
+    counts = torch.bincount(tokens.long(), minlength=8).double()
+    assert torch.all(counts[expected == 0] == 0), f"seed {seed}: sampled outside the support {counts}"
+    p = expected[expected > 0]
+    freq = counts[expected > 0] / n
+    assert torch.all((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / n)), f"seed {seed}: {freq} vs {p}"
+
+
+# ---- real vocabulary size on the GPU --------------------------------------------------------------
+
+VOCAB = 151936
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 32])
+def test_kernel_matches_reference_on_gpu(seed, n):
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    real, states = VOCAB - 271, 9
+    logits = torch.randn(n, VOCAB, generator=g) * (1 + 4 * torch.rand(n, 1, generator=g))
+    logits[:, real:] = 1e4
+    kinds = [KINDS[rng.randrange(len(KINDS))] for _ in range(n)]
+    args = dict(logits=logits, temperature=torch.tensor([k[0] for k in kinds]),
+                top_k=torch.tensor([k[1] for k in kinds], dtype=torch.int32), top_p=torch.tensor([k[2] for k in kinds]),
+                keys=torch.randint(0, 2**63 - 1, (n,), generator=g), real_vocab=real,
+                det_states=torch.randint(-1, states, (n,), generator=g, dtype=torch.int32),
+                next_state=torch.randint(0, states, (states, real), generator=g, dtype=torch.int32),
+                tag_flags=torch.randint(0, 4, (states, real), generator=g, dtype=torch.uint8),
+                closing=torch.rand(states, generator=g) < 0.3)
+    first = sample_and_detect_ref(**_on(args, CUDA), stop_ids=torch.empty(n, 0, dtype=torch.int32, device=CUDA))[0]
+    args = _on(_with_stops(rng, args, first.cpu(), width=5), CUDA)
+    tokens, words, logprobs = sample_and_detect_ref(**args)
+    out = _poisoned(n, CUDA)
+    sample_and_detect(**args, out=out)
+    msg = f"seed {seed}"
+    assert out[0].tolist() == tokens.tolist(), msg
+    assert out[1].tolist() == words.tolist(), msg
+    torch.testing.assert_close(out[2], logprobs, atol=1e-4, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+
+
+@pytest.mark.gpu
+def test_seeded_sample_is_device_independent(seed):
+    """Seeded rows draw the same tokens through the kernel on CUDA as through the reference on CPU."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, VOCAB, generator=g) * 3
+    params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=seed + i, logprobs=True) for i in range(3)]
+    params += [SamplingParams(temperature=1.0, seed=seed), SamplingParams(temperature=0),
+               SamplingParams(temperature=0.6, top_p=0.95, seed=7, logit_bias={5: 30.0}, logprobs=True)]
+    cpu_tokens, cpu_lp = sample(logits, params, list(range(6)), g, VOCAB - 100)
+    gpu_tokens, gpu_lp = sample(logits.to(CUDA), params, list(range(6)), torch.Generator(CUDA), VOCAB - 100)
+    assert gpu_tokens.tolist() == cpu_tokens.tolist(), f"seed {seed}"
+    torch.testing.assert_close(gpu_lp.cpu(), cpu_lp, atol=1e-4, rtol=1e-5)
