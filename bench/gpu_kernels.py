@@ -17,6 +17,11 @@ of the copy ceiling (both count every byte that crosses device memory once, read
 The PyTorch reference (gather + SDPA) is timed the same way at the same shapes, for a ratio, and
 checks the kernel's output (relative error against fp32).
 
+Sampling: one call of kernels.sample_and_detect (token ids, detection words, logprobs) at the real
+vocabulary (151936), batch 1 and 32, greedy and top-p 0.95 rows, for two pass lengths (`block`),
+checked against the PyTorch reference (tokens and words equal). No target: it tells what a step's
+sampling costs beside the forward pass, and which block to default to.
+
 --smoke runs the same code on the CPU with tiny contexts, the Triton kernels in Triton's
 interpreter (fp32: bf16 arithmetic is wrong there) and perf_counter timing; its numbers mean nothing.
 """
@@ -45,6 +50,8 @@ from common import copy_bandwidth, machine, machine_line, write_json  # noqa: E4
 
 from splitreason_engine.kernels.paged_attention import paged_decode_attention_ref  # noqa: E402
 from splitreason_engine.kernels.paged_attention_triton import decode_splits, paged_decode_attention  # noqa: E402
+from splitreason_engine.kernels.sample import sample_and_detect_ref  # noqa: E402
+from splitreason_engine.kernels.sample_triton import sample_and_detect  # noqa: E402
 
 HEAD_DIM = 128
 PAGE_TOKENS = 16
@@ -58,6 +65,8 @@ SMOKE_BATCH = {1: 1, 32: 3}
 US_TARGETS = {("1.5B", 1, 4096): 15.0, ("32B", 1, 32768): 60.0}
 BANDWIDTH_TARGET = 0.75  # batch 32 at 4k, both shapes
 TARGET_CARD = "H100"
+VOCAB, SMOKE_VOCAB = 151936, 700
+SAMPLER_BLOCKS = (1024, 4096)
 
 
 @dataclass
@@ -229,6 +238,31 @@ def decode_case(case: Case, device: torch.device, dtype: torch.dtype, copy_bw: f
     return row  # the pool and the graphs go with this frame; the caller empties the cache
 
 
+def sampler_case(batch: int, vocab: int, mode: str, block: int, device: torch.device, samples: int,
+                 inner: int) -> dict:
+    """Times one sample-and-detect call over `batch` rows of `vocab` logits, all greedy or all top-p 0.95."""
+    g = torch.Generator(device=device).manual_seed(batch)
+    logits = torch.randn(batch, vocab, device=device, generator=g) * 3
+    greedy = mode == "greedy"
+    temperature = torch.full((batch,), 0.0 if greedy else 0.7, device=device)
+    top_k = torch.zeros(batch, dtype=torch.int32, device=device)
+    top_p = torch.full((batch,), 1.0 if greedy else 0.95, device=device)
+    keys = torch.randint(0, 2**62, (batch,), device=device, generator=g)
+    states = torch.zeros(batch, dtype=torch.int32, device=device)
+    tables = (torch.zeros(1, vocab, dtype=torch.int32, device=device), torch.zeros(1, vocab, dtype=torch.uint8, device=device),
+              torch.zeros(1, dtype=torch.bool, device=device))
+    stops = torch.full((batch, 2), vocab - 1, dtype=torch.int32, device=device)
+    args = (logits, temperature, top_k, top_p, keys, vocab, states, *tables, stops)
+    out = (torch.full((batch,), -1, dtype=torch.int32, device=device), torch.full((batch,), -1, dtype=torch.int32, device=device),
+           torch.full((batch,), float("nan"), device=device))
+    sample_and_detect(*args, out=out, block=block)
+    tokens, words, _ = sample_and_detect_ref(*args)
+    correct = bool(torch.equal(out[0], tokens) and torch.equal(out[1], words) and torch.isfinite(out[2]).all())
+    times, method = time_per_call([lambda: sample_and_detect(*args, out=out, block=block)], device, samples, inner)
+    return {"batch": batch, "vocab": vocab, "mode": mode, "block": block, "us_best": min(times) * 1e6,
+            "us_median": statistics.median(times) * 1e6, "timing": method, "correct": correct}
+
+
 def targets(rows: list[dict], card: "str | None", smoke: bool) -> list[dict]:
     """Each target with its figure and whether it is met (the us targets are the H100's)."""
     found = []
@@ -292,6 +326,17 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    sampler_rows = []
+    for batch in (1, 32):
+        for mode in ("greedy", "top_p"):
+            for block in SAMPLER_BLOCKS:
+                try:
+                    sampler_rows.append(sampler_case(batch if not smoke else min(batch, 3), SMOKE_VOCAB if smoke else VOCAB,
+                                                     mode, block, device, samples, inner=1 if smoke else 10))
+                except Exception as e:  # record it and go on
+                    sampler_rows.append({"batch": batch, "mode": mode, "block": block, "correct": False,
+                                         "error": f"{type(e).__name__}: {e}"})
+
     print(f"\ndecode attention, one call (split + reduce), head dim {HEAD_DIM}, {PAGE_TOKENS}-token pages, "
           f"{str(dtype).removeprefix('torch.')}; bytes moved = KV + q + tables read + out written")
     print(f"{'case':<20} {'splits':>6} {'us best':>9} {'us med':>9} {'ref us':>9} {'ref/krn':>7} "
@@ -306,6 +351,14 @@ def main() -> None:
         print(f"{r['case']:<20} {r['max_splits']:>6} {r['us_best']:>9.1f} {r['us_median']:>9.1f} {ref:>9} "
               f"{ratio:>7} {r['bytes_moved'] / 1e6:>9.2f} {r['gb_s_best']:>7.0f} {r['copy_fraction']:>7.1%} "
               f"{r['rel_err_vs_fp32']:>8.1e}{flag}")
+    print(f"\nsample-and-detect, one call, vocab {SMOKE_VOCAB if smoke else VOCAB} (no target)")
+    print(f"{'batch':>5} {'mode':<7} {'block':>6} {'us best':>9} {'us med':>9}")
+    for r in sampler_rows:
+        if "error" in r:
+            print(f"{r['batch']:>5} {r['mode']:<7} {r['block']:>6} ERROR {r['error'][:80]}")
+        else:
+            print(f"{r['batch']:>5} {r['mode']:<7} {r['block']:>6} {r['us_best']:>9.1f} {r['us_median']:>9.1f}"
+                  + ("" if r["correct"] else "  WRONG"))
     goals = targets(rows, card, smoke)
     print(f"\ntargets ({TARGET_CARD}; this card: {card or 'CPU smoke'}):")
     for t in goals:
@@ -314,10 +367,10 @@ def main() -> None:
               + (f"  ({t['note']})" if t["note"] else ""))
     write_json(args.json, {"benchmark": "gpu_kernels", "smoke": smoke, "machine": machine(), **info,
                            "copy_bandwidth_gb_s": bw / 1e9, "copy_bandwidth_convention": "bytes read + bytes written",
-                           "matmul": mm, "decode_attention": rows, "targets": goals,
-                           "all_correct": all(r["correct"] for r in rows)})
-    if not all(r["correct"] for r in rows):
-        sys.exit("gpu_kernels.py: a decode-attention case failed or computed a wrong result (see the table)")
+                           "matmul": mm, "decode_attention": rows, "sampler": sampler_rows, "targets": goals,
+                           "all_correct": all(r["correct"] for r in rows + sampler_rows)})
+    if not all(r["correct"] for r in rows + sampler_rows):
+        sys.exit("gpu_kernels.py: a case failed or computed a wrong result (see the tables)")
 
 
 if __name__ == "__main__":
