@@ -60,6 +60,13 @@ def _race_scores(x, offs, inv_t, key_lo, key_hi):
 
 
 @triton.jit
+def _load(row, offs, valid, row_len):
+    """Logits at `offs`, -inf where not `valid` (past the real vocabulary). The load itself is
+    masked by the row's length, a multiple of 16 for real vocabularies, so it stays 16-byte wide."""
+    return tl.where(valid, tl.load(row + offs, mask=offs < row_len, other=NEG_INF), NEG_INF)
+
+
+@triton.jit
 def _first_max(best, arg):
     """The smallest `arg` among the lanes holding the largest `best` (torch.argmax's tie rule)."""
     top = tl.max(best, axis=0)
@@ -67,19 +74,19 @@ def _first_max(best, arg):
 
 
 @triton.jit
-def _mass(row, real_vocab, floor, m, inv_t, BLOCK: tl.constexpr):
+def _mass(row, row_len, real_vocab, floor, m, inv_t, BLOCK: tl.constexpr):
     """Sum of exp((x - m) / T) over the logits x >= floor."""
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, real_vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < real_vocab
-        x = tl.load(row + offs, mask=valid, other=NEG_INF)
+        x = _load(row, offs, valid, row_len)
         acc += tl.where(valid & (x >= floor), tl.exp((x - m) * inv_t), 0.0)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _search(row, real_vocab, lo, hi, target, floor, m, inv_t, MASS: tl.constexpr, BLOCK: tl.constexpr,
+def _search(row, row_len, real_vocab, lo, hi, target, floor, m, inv_t, MASS: tl.constexpr, BLOCK: tl.constexpr,
             PIVOTS: tl.constexpr):
     """The largest key tau in [lo, hi] with W(tau) >= target, W(tau) summing the weights (1, or
     exp((x - m) / T) with MASS) of the logits x >= floor whose key is >= tau. The caller promises
@@ -94,7 +101,7 @@ def _search(row, real_vocab, lo, hi, target, floor, m, inv_t, MASS: tl.constexpr
         for start in range(0, real_vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < real_vocab
-            x = tl.load(row + offs, mask=valid, other=NEG_INF)
+            x = _load(row, offs, valid, row_len)
             keep = valid & (x >= floor)
             if MASS:
                 w = tl.where(keep, tl.exp((x - m) * inv_t), 0.0)
@@ -109,7 +116,7 @@ def _search(row, real_vocab, lo, hi, target, floor, m, inv_t, MASS: tl.constexpr
 
 
 @triton.jit
-def _race(row, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.constexpr):
+def _race(row, row_len, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.constexpr):
     """The winner of the Gumbel race over the logits >= floor."""
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], NEG_INF, tl.float32)
@@ -117,7 +124,7 @@ def _race(row, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.constexpr):
     for start in range(0, real_vocab, BLOCK):
         offs = start + lanes
         valid = offs < real_vocab
-        x = tl.load(row + offs, mask=valid, other=NEG_INF)
+        x = _load(row, offs, valid, row_len)
         score = tl.where(valid & (x >= floor), _race_scores(x, offs, inv_t, key_lo, key_hi), NEG_INF)
         win = score > best
         arg = tl.where(win, offs, arg)
@@ -126,7 +133,7 @@ def _race(row, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sample_detect_kernel(logits_ptr, row_stride, temp_ptr, top_k_ptr, top_p_ptr, keys_ptr, real_vocab,
+def _sample_detect_kernel(logits_ptr, row_stride, row_len, temp_ptr, top_k_ptr, top_p_ptr, keys_ptr, real_vocab,
                           det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr,
                           stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
                           GREEDY: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
@@ -156,7 +163,7 @@ def _sample_detect_kernel(logits_ptr, row_stride, temp_ptr, top_k_ptr, top_p_ptr
     for start in range(0, real_vocab, BLOCK):
         offs = start + lanes
         valid = offs < real_vocab
-        x = tl.load(row + offs, mask=valid, other=NEG_INF)
+        x = _load(row, offs, valid, row_len)
         arg_lane = tl.where(x > m_lane, offs, arg_lane)
         new_m = tl.maximum(m_lane, x)
         shift = tl.where(new_m == NEG_INF, 0.0, new_m)
@@ -176,13 +183,13 @@ def _sample_detect_kernel(logits_ptr, row_stride, temp_ptr, top_k_ptr, top_p_ptr
     if use_k | use_p:
         floor_key = tl.min(kmin_lane, axis=0)
         if use_k:
-            floor_key = _search(row, real_vocab, floor_key, _key(m), k.to(tl.float32), _value(floor_key), m, inv_t,
+            floor_key = _search(row, row_len, real_vocab, floor_key, _key(m), k.to(tl.float32), _value(floor_key), m, inv_t,
                                 False, SEARCH_BLOCK, PIVOTS)
         if use_p:
             floor = _value(floor_key)
-            target = p * _mass(row, real_vocab, floor, m, inv_t, BLOCK)
-            floor_key = _search(row, real_vocab, floor_key, _key(m), target, floor, m, inv_t, True, SEARCH_BLOCK, PIVOTS)
-        tok = _race(row, real_vocab, _value(floor_key), inv_t, key_lo, key_hi, BLOCK)
+            target = p * _mass(row, row_len, real_vocab, floor, m, inv_t, BLOCK)
+            floor_key = _search(row, row_len, real_vocab, floor_key, _key(m), target, floor, m, inv_t, True, SEARCH_BLOCK, PIVOTS)
+        tok = _race(row, row_len, real_vocab, _value(floor_key), inv_t, key_lo, key_hi, BLOCK)
 
     state = tl.load(det_ptr + pid)
     detect = state >= 0
@@ -203,7 +210,7 @@ def sample_and_detect(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
                       keys: torch.Tensor, real_vocab: int, det_states: torch.Tensor, next_state: torch.Tensor,
                       tag_flags: torch.Tensor, closing: torch.Tensor, stop_ids: torch.Tensor,
                       out: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None,
-                      block: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sample_and_detect_ref`, fused (see there for the arguments and results); written into
     `out` = (tokens int32, words int32, logprobs fp32) when given. Dtypes as the reference's
     sampling_tensors gives them: temperature / top_p fp32, top_k / det_states / stop_ids /
@@ -220,10 +227,10 @@ def sample_and_detect(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
         num_stops = stop_ids.shape[1]
         stops = stop_ids if num_stops else det_states  # never read when there are no stop ids
         _sample_detect_kernel[(n,)](
-            logits, logits.stride(0), temperature, top_k, top_p, keys, real_vocab,
+            logits, logits.stride(0), logits.shape[1], temperature, top_k, top_p, keys, real_vocab,
             det_states, next_state, next_state.stride(0), tag_flags, tag_flags.stride(0), closing,
             stops, stops.stride(0), num_stops, *out,
             GREEDY=sample.GREEDY_BELOW, BLOCK=block, SEARCH_BLOCK=block // 4, PIVOTS=_PIVOTS,
-            STOPS=triton.next_power_of_2(max(num_stops, 1)), num_warps=8 if block >= 1024 else 4,
+            STOPS=triton.next_power_of_2(max(num_stops, 1)), num_warps=min(max(block // 256, 4), 16),
             enable_fp_fusion=False)  # an FMA would round the race scores differently from torch
     return out
