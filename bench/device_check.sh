@@ -91,7 +91,6 @@ build_overlay() {
     for f in "$ROOT"/splitreason_engine/*; do ln -sfn "$f" "$pkg/"; done
     rm -f "$pkg"/_C.*
     ln -sfn "$ROOT/kernels" "$pkg/kernels"
-    ln -sfn "$ROOT/kernels" "$site/kernels"  # the tests also import it as a top-level module
     flags=$("$PY" -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])") || return 1
     suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))") || return 1
     # shellcheck disable=SC2086  # $flags holds two -I options

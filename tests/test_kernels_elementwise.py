@@ -12,11 +12,11 @@ from typing import Callable
 import pytest
 import torch
 
-from kernels import add_rms_norm_ref, rms_norm_ref, rope_cos_sin, rope_store_kv_ref, silu_and_mul_ref
-from kernels import rope_triton
-from kernels.activation_triton import silu_and_mul
-from kernels.norms_triton import add_rms_norm, rms_norm
-from kernels.rope_triton import rope_store_kv
+from splitreason_engine.kernels import add_rms_norm_ref, rms_norm_ref, rope_cos_sin, rope_store_kv_ref, silu_and_mul_ref
+from splitreason_engine.kernels import rope_triton
+from splitreason_engine.kernels.activation_triton import silu_and_mul
+from splitreason_engine.kernels.norms_triton import add_rms_norm, rms_norm
+from splitreason_engine.kernels.rope_triton import rope_store_kv
 
 Close = Callable[[torch.Tensor, torch.Tensor, str], None]
 EPS = 1e-6

@@ -14,8 +14,8 @@ import random
 import pytest
 import torch
 
-from kernels.sample import CLOSE, CLOSING, OPEN, STATE_SHIFT, STOP, noise_uniform, sample_and_detect_ref
-from kernels.sample_triton import sample_and_detect
+from splitreason_engine.kernels.sample import CLOSE, CLOSING, OPEN, STATE_SHIFT, STOP, noise_uniform, sample_and_detect_ref
+from splitreason_engine.kernels.sample_triton import sample_and_detect
 from splitreason_engine import tags
 from splitreason_engine.sampling import SamplingParams, sample
 from splitreason_engine.tags import TagDetector, Tags
