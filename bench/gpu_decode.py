@@ -18,8 +18,9 @@ configs written from DESIGN.md into a temp folder), bf16, batch 1, a ~3500-token
   bytes read + bytes written; the floor divides it by the bytes read alone (as bench/cpu_decode.py
   does), so a kernel that reads as fast as a copy reads and writes sits at 100%.
 
-32B runs only on a card with more than 100 GB (beside the 1.5B it needs the H200's memory); on a
-smaller card the default list takes 14B instead. --smoke runs a tiny config on the CPU (Triton
+32B runs only on a card with more than 100 GB (with the 1.5B beside it, as SplitReason runs it, it
+needs the H200's memory), but it is measured in an engine that holds the 32B alone; on a smaller
+card the default list takes 14B instead. --smoke runs a tiny config on the CPU (Triton
 kernels in the interpreter, no CUDA graphs, HF in fp32): the code path, not a measurement.
 """
 
@@ -43,6 +44,7 @@ from common import copy_bandwidth, machine, machine_line, write_json  # noqa: E4
 from gpu_kernels import card_info, device_and_dtype  # noqa: E402
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
+from splitreason_engine.kernels.ops import KERNEL_CHOICES  # noqa: E402
 
 BASE = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192,
             rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", use_sliding_window=False,
@@ -132,7 +134,7 @@ def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: 
         ttfts.append(m.first_token_time - m.arrival_time)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"tok_s": max(rates), "tok_s_all": rates, "ttft_s_best": min(ttfts), "build_s": build_s,
-            "peak_gib": memory, "kernels": args.kernels, "cuda_graphs": args.cuda_graphs}
+            "peak_gib": memory, "kernels": engine.ops.name, "cuda_graphs": engine.runners[0].graphs is not None}
 
 
 def build_hf(cfg: dict, device: torch.device, dtype: torch.dtype):
@@ -221,7 +223,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 3500; smoke 40)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default: 128; smoke 6)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per contender, the best counts (default: 2)")
-    p.add_argument("--kernels", choices=["auto", "torch", "triton"], default=None,
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                    help="the engine's kernels (default: auto; smoke: triton in the interpreter)")
     p.add_argument("--skip-hf", action="store_true", help="run the engine only")
     p.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: the code path, not a measurement")
@@ -233,7 +235,7 @@ def main() -> None:
     args.prompt_len = args.prompt_len or (40 if smoke else 3500)
     args.new_tokens = args.new_tokens or (6 if smoke else 128)
     args.kernels = args.kernels or ("triton" if smoke else "auto")
-    args.cuda_graphs = not smoke
+    args.cuda_graphs = False if smoke else None  # None: the engine's default (on with the Triton kernels)
     info = card_info()
     card = info["card"] if device.type == "cuda" else None
     total = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else None

@@ -1,6 +1,8 @@
 """The op set a model step runs: the PyTorch references or the Triton kernels, chosen per engine.
 
-Every op has one signature in both sets, so the model code is the same on every device. The Triton
+Every op has one signature in both sets, so the model code is the same on every device; two
+Triton ops also work in place where their references return new tensors (rope_store_kv rotates qk
+in place, add_rms_norm writes the sum into `residual`), so a caller must not reuse those inputs. The Triton
 set is imported only when chosen: a CPU-only install never needs Triton, and on CPU the kernels
 run only in Triton's interpreter (TRITON_INTERPRET=1, read when the kernels are defined).
 """
@@ -56,7 +58,7 @@ def triton_ops() -> Ops:
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:
-    """"auto": the Triton kernels on CUDA, the PyTorch references elsewhere."""
+    """The op set for `kernels` on `device`; "auto" is the Triton kernels on CUDA, the references elsewhere."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     if kernels == "auto":

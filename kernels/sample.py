@@ -4,8 +4,10 @@ One op picks each row's next token and steps the row's tag automaton on it, so a
 step only token ids, packed detection words and logprobs come back to the host.
 
 Noise is counter based: a uniform per (row key, vocab id) from a 32-bit integer hash, so the
-Triton kernel reproduces it bit for bit without sharing RNG state, and a row's draw depends only
-on its key. Sampling is a Gumbel-max race over the filtered, temperature-scaled distribution.
+Triton kernel reproduces the uniforms bit for bit without sharing RNG state, and a row's draw
+depends only on its key. Sampling is a Gumbel-max race over the filtered, temperature-scaled
+distribution; the logs and exps are each device's own, so the kernel and the reference can pick
+different tokens only where two race scores are within rounding of each other.
 
 Filtering keeps every token whose logit is >= a per-row threshold: the k-th largest logit for
 top-k, then for top-p the logit of the token whose cumulative (descending, renormalised top-k)

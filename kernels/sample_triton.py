@@ -52,7 +52,8 @@ def _mix32(x):
 
 @triton.jit
 def _race_scores(x, offs, inv_t, key_lo, key_hi):
-    """x / T + Gumbel noise from sample.noise_uniform's hash, bit for bit (no FMA contraction)."""
+    """x / T + Gumbel noise from sample.noise_uniform's hash: the uniform is bit-exact; the logs are
+    the device's, so a token can differ from the reference's only at a near-tie (no FMA contraction)."""
     h = _mix32(offs.to(tl.uint32) * 0x9E3779B9 + key_lo)
     h = _mix32(h ^ key_hi)
     u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
@@ -212,8 +213,8 @@ def sample_and_detect(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
                       out: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None,
                       block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sample_and_detect_ref`, fused (see there for the arguments and results); written into
-    `out` = (tokens int32, words int32, logprobs fp32) when given. Dtypes as the reference's
-    sampling_tensors gives them: temperature / top_p fp32, top_k / det_states / stop_ids /
+    `out` = (tokens int32, words int32, logprobs fp32) when given. Dtypes as the engine's
+    sampling.RowInputs gives them: temperature / top_p fp32, top_k / det_states / stop_ids /
     next_state int32, keys int64; logits fp32 with contiguous rows. `block` (a power of 2 >= 64)
     is the pass length; the threshold search uses block // 4 lanes x PIVOTS keys."""
     n = logits.shape[0]

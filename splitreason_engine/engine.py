@@ -77,8 +77,8 @@ class Engine:
     `template` and `tags` configure the SplitReason protocol; `catch_up` is "lazy" (the big
     model catches up at each handoff) or "eager" (in the background, with spare batch budget).
     `kernels`: "auto" (the Triton kernels on CUDA, the PyTorch ops on CPU), "torch" or "triton"
-    (on CPU only in Triton's interpreter). `cuda_graphs` (default: on for CUDA) replays decode-only
-    steps from CUDA graphs, one per batch-size bucket.
+    (on CPU only in Triton's interpreter). `cuda_graphs` (default: on for CUDA with the Triton
+    kernels) replays decode-only steps from CUDA graphs, one per batch-size bucket.
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
@@ -97,9 +97,11 @@ class Engine:
         self.dtype = parse_dtype(dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
         self.ops = select_ops(kernels, self.device)
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
+            cuda_graphs = self.device.type == "cuda" and self.ops.name == "triton"
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs device='cuda', got device={device!r}")
+        if cuda_graphs and self.ops.name != "triton":
+            raise ValueError("cuda_graphs=True needs the Triton kernels (the PyTorch reference ops sync with the host)")
         for name, value in (("page_tokens", page_tokens), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -138,7 +140,7 @@ class Engine:
                                             graphs))
         self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
         self.stats = EngineStats(len(self.models))
-        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(seed)  # noise keys are drawn on the host
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         eos = {t for c in configs for t in c.eos_token_ids} | set(self.tokenizer.eos_token_ids if self.tokenizer else ())

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection
 
+import numpy as np
 import torch
 
-from .kernels.sample import GREEDY_BELOW, sample_and_detect_ref
+from .kernels.sample import GREEDY_BELOW
 
 if TYPE_CHECKING:
     from .tags import TagDetector
@@ -110,26 +111,42 @@ def _noise_seed(seed: int, index: int) -> int:
     return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
 
 
-def sampling_tensors(params: list[SamplingParams], output_indices: list[int], generator: torch.Generator,
-                     device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(temperature fp32, top_k int32, top_p fp32, keys int64) per row: the fused sampler's inputs.
+@dataclass(frozen=True)
+class RowInputs:
+    """The fused op's per-row inputs on the sampling device: views of one int32 buffer, so they
+    reach a GPU in one asynchronous copy from pinned memory while the forward pass still runs."""
 
-    Greedy rows get temperature 0 and no filters. Seeded rows' noise keys come from (seed, index of
-    the token in the output); the others' are drawn from `generator` (on `device`), only when some
-    sampled row needs one.
-    """
-    temperature = [0.0 if p.greedy else p.temperature for p in params]
-    top_k = [0 if p.greedy or p.top_k <= 0 else min(p.top_k, INT32_MAX) for p in params]
-    top_p = [1.0 if p.greedy else p.top_p for p in params]
-    keys = [_noise_seed(p.seed, i) if p.seed is not None else 0 for p, i in zip(params, output_indices)]
-    drawn = [p.seed is None and not p.greedy for p in params]
-    keys = torch.tensor(keys, dtype=torch.int64, device=device)
-    if any(drawn):
-        random = torch.randint(0, 2**63 - 1, keys.shape, generator=generator, device=device)
-        keys = torch.where(torch.tensor(drawn, device=device), random, keys)
-    return (torch.tensor(temperature, dtype=torch.float32, device=device),
-            torch.tensor(top_k, dtype=torch.int32, device=device),
-            torch.tensor(top_p, dtype=torch.float32, device=device), keys)
+    temperature: torch.Tensor  # fp32; 0 for greedy rows
+    top_k: torch.Tensor  # int32; 0: off
+    top_p: torch.Tensor  # fp32; 1: off
+    keys: torch.Tensor  # int64 noise keys
+    det_states: torch.Tensor  # int32; -1: no tag detection
+    stop_ids: torch.Tensor  # int32 [n, K], -1 padded
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], output_indices: list[int], generator: torch.Generator,
+              det_states: list[int], stop_ids: list[Collection[int]], device: torch.device) -> "RowInputs":
+        """Seeded rows' noise keys come from (seed, index of the token in the output); the others'
+        are drawn from `generator` (a CPU generator), only when some sampled row needs one."""
+        n, width = len(params), max(map(len, stop_ids), default=0)
+        buf = np.empty(6 * n + n * width, dtype=np.int32)
+        keys = buf[: 2 * n].view(np.int64)
+        keys[:] = [_noise_seed(p.seed, i) if p.seed is not None else 0 for p, i in zip(params, output_indices)]
+        drawn = np.array([p.seed is None and not p.greedy for p in params], dtype=bool)
+        if drawn.any():
+            keys[drawn] = torch.randint(0, 2**63 - 1, (n,), generator=generator).numpy()[drawn]
+        buf[2 * n: 3 * n].view(np.float32)[:] = [0.0 if p.greedy else p.temperature for p in params]
+        buf[3 * n: 4 * n].view(np.float32)[:] = [1.0 if p.greedy else p.top_p for p in params]
+        buf[4 * n: 5 * n] = [0 if p.greedy or p.top_k <= 0 else min(p.top_k, INT32_MAX) for p in params]
+        buf[5 * n: 6 * n] = det_states
+        stops = buf[6 * n:].reshape(n, width)
+        stops[:] = -1
+        for row, ids in enumerate(stop_ids):
+            stops[row, : len(ids)] = sorted(ids)
+        host = torch.from_numpy(buf)
+        t = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        return cls(t[2 * n: 3 * n].view(torch.float32), t[4 * n: 5 * n], t[3 * n: 4 * n].view(torch.float32),
+                   t[: 2 * n].view(torch.int64), t[5 * n: 6 * n], t[6 * n:].view(n, width))
 
 
 @dataclass(frozen=True)
@@ -158,40 +175,23 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     detection words int32, logprobs or None).
 
     `output_indices[i]` is how many tokens row i's request has generated so far (the noise index);
-    `det_states[i]` its automaton state (-1: no detection), `stop_ids[i]` the ids that stop it.
-    Ids >= `real_vocab` (padding rows of the embedding) are never chosen.
+    `det_states[i]` its automaton state (-1: no detection), `stop_ids[i]` the ids that stop it;
+    `generator` (on the CPU) draws unseeded rows' noise keys. Ids >= `real_vocab` (padding rows of
+    the embedding) are never chosen.
     """
-    device, n = logits.device, len(params)
-    temperature, top_k, top_p, keys = sampling_tensors(params, output_indices, generator, device)
+    rows = RowInputs.build(params, output_indices, generator, det_states, stop_ids, logits.device)
     biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
     x = logits.clone() if biased else logits
     for row, bias in biased:
-        ids = torch.tensor(list(bias), device=device)
-        x[row, ids] += torch.tensor(list(bias.values()), device=device, dtype=x.dtype)
-    width = max(map(len, stop_ids), default=0)
-    stops = torch.tensor([sorted(s) + [-1] * (width - len(s)) for s in stop_ids], dtype=torch.int32).view(n, width)
-    states = torch.tensor(det_states, dtype=torch.int32)
-    tokens, words, logprobs = op(x, temperature, top_k, top_p, keys, real_vocab, states.to(device),
-                                 tables.next_state, tables.flags, tables.closing, stops.to(device))
+        ids = torch.tensor(list(bias), device=logits.device)
+        x[row, ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=x.dtype)
+    tokens, words, logprobs = op(x, rows.temperature, rows.top_k, rows.top_p, rows.keys, real_vocab, rows.det_states,
+                                 tables.next_state, tables.flags, tables.closing, rows.stop_ids)
     if not any(p.logprobs for p in params):
         return tokens, words, None
     if biased:  # logprobs are those of the unbiased distribution
         logprobs = torch.log_softmax(logits[:, :real_vocab].float(), dim=-1).gather(1, tokens.long()[:, None]).squeeze(1)
     return tokens, words, logprobs
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
-           generator: torch.Generator, real_vocab: int) -> tuple[torch.Tensor, "torch.Tensor | None"]:
-    """sample_and_detect without tags or stop ids, on the op of the logits' device (the Triton
-    kernel on CUDA): (token ids int32, logprobs or None)."""
-    if logits.is_cuda:
-        from .kernels.sample_triton import sample_and_detect as op
-    else:
-        op = sample_and_detect_ref
-    tokens, _, logprobs = sample_and_detect(logits, params, output_indices, generator, real_vocab, op,
-                                            [-1] * len(params), DetectTables.build(None, logits.device),
-                                            [()] * len(params))
-    return tokens, logprobs
 
 
 def generation_defaults(folder: Path) -> dict:

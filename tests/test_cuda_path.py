@@ -64,6 +64,7 @@ def test_unknown_kernels_choice_is_named(tiny_checkpoints):
         Engine(tiny_checkpoints["mha-tied-1e4"], kernels="cutlass", kv_cache_bytes=1 << 22, progress=False)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name,page_tokens", [("gqa2-h80-untied", 7), ("gqa6-h96-tied", 16)])
 def test_triton_ops_generate_like_the_torch_ops(tiny_checkpoints, name, page_tokens):
     """The engine on the Triton kernels (interpreted, fp32) picks the PyTorch path's tokens: chunked
@@ -98,8 +99,8 @@ def test_cuda_path_greedy_equals_cpu_path(tiny_checkpoints, name):
 
 @pytest.mark.gpu
 def test_cuda_bf16_path_tracks_fp32_logits(tiny_checkpoints):
-    """bf16 on the GPU (the real configuration): the first step's logits within bf16 rounding of
-    the fp32 CPU model's, and greedy tokens agreeing on a clear majority of positions."""
+    """bf16 on the GPU (the real configuration): the first token equal to the fp32 CPU model's and
+    its logprob within bf16 rounding (later tokens may part at near-ties)."""
     folder = tiny_checkpoints["gqa2-untied-1e6"]
     prompts = ragged_prompts_for(4, count=8)
     cpu = Engine(folder, device="cpu", dtype="float32", kv_cache_bytes=1 << 24, progress=False)

@@ -17,6 +17,8 @@ from splitreason_engine.kernels import paged_decode_attention_ref, paged_extend_
 from splitreason_engine.kernels.paged_attention_triton import (CPU_SPLITS, decode_splits, paged_decode_attention,
                                                                paged_extend_attention)
 
+pytestmark = pytest.mark.interpreter  # the CPU tests; the gpu-marked ones run on CUDA
+
 CPU = torch.device("cpu")
 # (query heads, kv heads, head dim, page tokens): GQA ratios 1, 5, 6, 8; pages of 16, 7, 13, 5.
 SHAPES = [(4, 4, 32, 16), (10, 2, 20, 7), (6, 1, 16, 13), (16, 2, 64, 5)]

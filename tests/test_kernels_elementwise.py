@@ -18,6 +18,8 @@ from splitreason_engine.kernels.activation_triton import silu_and_mul
 from splitreason_engine.kernels.norms_triton import add_rms_norm, rms_norm
 from splitreason_engine.kernels.rope_triton import rope_store_kv
 
+pytestmark = pytest.mark.interpreter  # the CPU tests; the gpu-marked ones run on CUDA
+
 Close = Callable[[torch.Tensor, torch.Tensor, str], None]
 EPS = 1e-6
 MAX_POSITIONS = 4096

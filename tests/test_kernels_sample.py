@@ -14,11 +14,13 @@ import random
 import pytest
 import torch
 
+from splitreason_engine import sampling, tags
 from splitreason_engine.kernels.sample import CLOSE, CLOSING, OPEN, STATE_SHIFT, STOP, noise_uniform, sample_and_detect_ref
 from splitreason_engine.kernels.sample_triton import sample_and_detect
-from splitreason_engine import tags
-from splitreason_engine.sampling import SamplingParams, sample
+from splitreason_engine.sampling import DetectTables, SamplingParams
 from splitreason_engine.tags import TagDetector, Tags
+
+pytestmark = pytest.mark.interpreter  # the CPU tests; the gpu-marked ones run on CUDA
 
 BLOCK = 128
 PAD = 35  # padding ids past the real vocabulary, with huge logits
@@ -236,14 +238,22 @@ def test_kernel_matches_reference_on_gpu(seed, n):
 
 
 @pytest.mark.gpu
-def test_seeded_sample_is_device_independent(seed):
-    """Seeded rows draw the same tokens through the kernel on CUDA as through the reference on CPU."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(6, VOCAB, generator=g) * 3
+def test_engine_sampler_is_device_independent(seed):
+    """The engine's sampler draws the same tokens through the kernel on CUDA as through the
+    reference on CPU: seeded rows, and unseeded rows too (their keys come from a host generator)."""
+    logits = torch.randn(7, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
     params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=seed + i, logprobs=True) for i in range(3)]
-    params += [SamplingParams(temperature=1.0, seed=seed), SamplingParams(temperature=0),
+    params += [SamplingParams(temperature=1.0, seed=seed), SamplingParams(temperature=0), SamplingParams(temperature=0.9),
                SamplingParams(temperature=0.6, top_p=0.95, seed=7, logit_bias={5: 30.0}, logprobs=True)]
-    cpu_tokens, cpu_lp = sample(logits, params, list(range(6)), g, VOCAB - 100)
-    gpu_tokens, gpu_lp = sample(logits.to(CUDA), params, list(range(6)), torch.Generator(CUDA), VOCAB - 100)
+    n = len(params)
+
+    def run(x: torch.Tensor, op) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, _, logprobs = sampling.sample_and_detect(x, params, list(range(n)), torch.Generator().manual_seed(seed),
+                                                         VOCAB - 100, op, [-1] * n, DetectTables.build(None, x.device),
+                                                         [()] * n)
+        return tokens, logprobs
+
+    cpu_tokens, cpu_lp = run(logits, sample_and_detect_ref)
+    gpu_tokens, gpu_lp = run(logits.to(CUDA), sample_and_detect)
     assert gpu_tokens.tolist() == cpu_tokens.tolist(), f"seed {seed}"
     torch.testing.assert_close(gpu_lp.cpu(), cpu_lp, atol=1e-4, rtol=1e-5)

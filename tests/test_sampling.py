@@ -1,4 +1,4 @@
-"""Sampling: per-request seeds, greedy equivalences, distributions of `sample`, logprobs, stops."""
+"""Sampling: per-request seeds, greedy equivalences, distributions of the sampler, logprobs, stops."""
 
 import math
 
@@ -8,11 +8,21 @@ from transformers import Qwen2ForCausalLM
 
 from hf_models import save_tiny_qwen2
 from splitreason_engine import Engine, SamplingParams
-from splitreason_engine.sampling import sample
+from splitreason_engine.kernels.sample import sample_and_detect_ref
+from splitreason_engine.sampling import DetectTables, sample_and_detect
 
 SEEDED = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=123, max_tokens=32, ignore_eos=True)
 TARGET = "Hello world"
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int], generator: torch.Generator,
+           real_vocab: int) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+    """The engine's sampler for rows without tags or stop ids: (token ids, logprobs or None)."""
+    n = len(params)
+    tokens, _, logprobs = sample_and_detect(logits, params, indices, generator, real_vocab, sample_and_detect_ref,
+                                            [-1] * n, DetectTables.build(None, logits.device), [()] * n)
+    return tokens, logprobs
 
 
 @pytest.fixture(scope="module")

@@ -257,6 +257,7 @@ def test_split_needs_two_models_and_a_text_prompt(pair):
     assert outs[1].metrics.mode == "split" and len(outs[1].token_ids) == 3
 
 
+@pytest.mark.interpreter
 def test_split_on_the_triton_kernels_matches_the_oracle(text_pair, text_oracle):
     """Every op a Triton kernel (interpreted on CPU), the sampler's detection words driving the
     protocol: tags spanning tokens open, close and probe as on the PyTorch path."""
