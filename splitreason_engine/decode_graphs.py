@@ -2,11 +2,13 @@
 
 A decode step launches a few hundred small kernels; at batch 1 on a GPU their launch overhead, not
 the reads from memory, would set the pace. A graph captures the whole forward and the logits once
-per bucket over static input buffers. Each step copies the scheduler's arrays into those buffers,
-pads the batch to its bucket and replays. Padding rows have seq_len 0 and slot -1: they attend to
-nothing and store nothing, and their logits are never read.
+per bucket over static buffers; each step copies the scheduler's arrays into them (one
+asynchronous copy from pinned memory), pads the batch to its bucket and replays. Padding rows have
+seq_len 0 and slot -1: they attend to nothing and store nothing, and their logits are never read.
 
-With capture=False the same static, padded buffers run eagerly: that is how the CPU tests check the
+Every bucket is captured at start-up, largest first, so the buckets share one memory pool, a
+capture never stalls a live step, and running out of memory shows at start-up. With
+capture=False the same static, padded buffers run eagerly: that is how the CPU tests check the
 padding and bucketing the graphs rely on.
 """
 
@@ -14,6 +16,7 @@ import logging
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .models.qwen2 import AttentionBatch, Qwen2ForCausalLM
 
@@ -21,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 MAX_GRAPH_BATCH = 256  # larger decode batches are bound by the weights' reads anyway: they run eagerly
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+_INPUTS = ("input_ids", "positions", "slot_mapping", "seq_lens")
 
 
 def buckets_for(max_batch: int) -> list[int]:
@@ -32,22 +36,24 @@ class DecodeGraphs:
     def __init__(self, model: Qwen2ForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  max_batch: int, block_table_width: int, device: torch.device, capture: bool = True):
         self.model, self.kv_caches, self.capture = model, kv_caches, capture
-        self.max_batch = min(max_batch, MAX_GRAPH_BATCH)
-        self.buckets = buckets_for(self.max_batch)
+        self.max_batch = n = min(max_batch, MAX_GRAPH_BATCH)
+        self.buckets = buckets_for(n)
         self.width = block_table_width
-        n = self.max_batch
-
-        def zeros(*shape):
-            return torch.zeros(shape, dtype=torch.int32, device=device)
-
-        self.inputs = {name: zeros(n) for name in ("input_ids", "positions", "slot_mapping", "seq_lens")}
-        self.block_tables = zeros(n, block_table_width)
+        # One staging buffer: the four per-token inputs at fixed offsets (the graphs read them
+        # there), then this step's block-table rows, compacted to the step's width.
+        self.staging = torch.zeros(len(_INPUTS) * n + n * block_table_width, dtype=torch.int32, device=device)
+        self.inputs = {name: self.staging[i * n: (i + 1) * n] for i, name in enumerate(_INPUTS)}
+        self.host = torch.zeros(self.staging.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.host_np = self.host.numpy()
+        self.host_np[2 * n: 3 * n] = -1  # slot_mapping: every row is padding until a step fills it
+        self.staging.copy_(self.host)
+        self.block_tables = torch.zeros(n, block_table_width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.logits = torch.empty(n, model.lm_head.out_features, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.pool = None
 
-    def _forward(self, bucket: int) -> torch.Tensor:
+    def _forward(self, bucket: int) -> None:
+        """The model over the first `bucket` static rows, logits into the static logits buffer."""
         batch = AttentionBatch(
             positions=self.inputs["positions"][:bucket],
             slot_mapping=self.inputs["slot_mapping"][:bucket],
@@ -56,32 +62,46 @@ class DecodeGraphs:
             block_tables=self.block_tables[:bucket],
             num_decodes=bucket,
         )
-        return self.model.compute_logits(self.model(self.inputs["input_ids"][:bucket], batch, self.kv_caches))
+        hidden = self.model(self.inputs["input_ids"][:bucket], batch, self.kv_caches)
+        self.logits[:bucket].copy_(self.model.compute_logits(hidden))
 
-    def _capture(self, bucket: int) -> torch.cuda.CUDAGraph:
-        self._forward(bucket)  # warm-up outside the capture: compiles kernels, sets up cuBLAS
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[bucket] = self._forward(bucket)
-        if self.pool is None:
-            self.pool = graph.pool()  # later buckets share the memory of the first
-        self.graphs[bucket] = graph
-        logger.info("captured a decode CUDA graph for batch %d", bucket)
-        return graph
+    def capture_all(self, progress: bool = True) -> None:
+        """Captures every bucket, largest first (the smaller ones reuse its memory). The static
+        rows are all padding meanwhile, so the warm-up passes write nothing into the pool."""
+        if not self.capture:
+            return
+        pool = None
+        for bucket in tqdm(sorted(self.buckets, reverse=True), desc="CUDA graphs", unit="graph", disable=not progress):
+            side = torch.cuda.Stream()  # warm-up off the default stream, as graph capture wants
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(bucket)  # compiles the kernels, sets up cuBLAS for this shape
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(bucket)
+            pool = graph.pool()
+            self.graphs[bucket] = graph
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def run(self, buffers: dict[str, np.ndarray], num_seqs: int, width: int) -> torch.Tensor:
-        """fp32 logits [num_seqs, vocab] of a decode-only step planned into `buffers`."""
+        """fp32 logits [num_seqs, vocab] of a decode-only step planned into `buffers`: a view of the
+        static logits buffer, valid until this object's next run (the caller samples before it)."""
         bucket = next(b for b in self.buckets if b >= num_seqs)
-        for name, static in self.inputs.items():
-            static[:num_seqs].copy_(torch.from_numpy(buffers[name][:num_seqs]), non_blocking=True)
+        n, h = self.max_batch, self.host_np
+        for i, name in enumerate(_INPUTS):
+            h[i * n: i * n + num_seqs] = buffers[name][:num_seqs]
+        h[2 * n + num_seqs: 2 * n + bucket] = -1  # padding rows: no slot ...
+        h[3 * n + num_seqs: 3 * n + bucket] = 0  # ... and no context
+        start, used = len(_INPUTS) * n, len(_INPUTS) * n + num_seqs * width
         tables = buffers["block_tables"][: num_seqs * self.width].reshape(num_seqs, self.width)[:, :width]
-        self.block_tables[:num_seqs, :width].copy_(torch.from_numpy(tables), non_blocking=True)
-        if bucket > num_seqs:
-            self.inputs["slot_mapping"][num_seqs:bucket].fill_(-1)
-            self.inputs["seq_lens"][num_seqs:bucket].fill_(0)
-        if not self.capture:
-            return self._forward(bucket)[:num_seqs]
-        graph = self.graphs.get(bucket) or self._capture(bucket)
-        graph.replay()
-        return self.logits[bucket][:num_seqs]
+        h[start:used].reshape(num_seqs, width)[:] = tables
+        # The host buffer is rewritten only after the caller has synchronised on the sampled tokens,
+        # which come after this copy on the stream.
+        self.staging[:used].copy_(self.host[:used], non_blocking=True)
+        self.block_tables[:num_seqs, :width].copy_(self.staging[start:used].view(num_seqs, width))
+        if self.capture:
+            self.graphs[bucket].replay()
+        else:
+            self._forward(bucket)
+        return self.logits[:num_seqs]

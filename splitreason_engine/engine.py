@@ -138,6 +138,8 @@ class Engine:
             graphs = DecodeGraphs(m, self.pool.kv_caches[i], max_num_seqs, width, self.device) if cuda_graphs else None
             self.runners.append(ModelRunner(m, self.pool.kv_caches[i], self.scheduler.buffers(i), width, self.device,
                                             graphs))
+            if graphs is not None:
+                graphs.capture_all(progress)
         self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
         self.stats = EngineStats(len(self.models))
         self._generator = torch.Generator().manual_seed(seed)  # noise keys are drawn on the host
