@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run for this project, in one call of about 8 minutes:
+# Everything a lent GPU machine should run for this project, in one call of under 6 minutes (the
+# issue allows 8; the rest of a 15-minute device budget is kept for a second run):
 #   1. setup: the card and versions; build the C++ core offline (pip install -e . --no-build-isolation
 #      --no-deps --no-index; if that fails, compile csrc/ directly into an overlay on PYTHONPATH);
 #   2. the GPU tests (pytest -m gpu, on the test files that have GPU tests);
 #   3. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer);
 #   4. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor).
-# Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 470 s); a failed
+# Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 330 s); a failed
 # or timed-out step is recorded and the later steps still run. The benchmarks' JSON, each step's
 # status and the pytest summary are merged into bench/results/device_check_<card>.json (the two
 # benchmark JSONs sit beside it); JSON and logs also go to $OUT when it is set. A short table
@@ -26,7 +27,7 @@ SMOKE=${DEVICE_CHECK_SMOKE:-0}
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PY=$VIRTUAL_ENV/bin/python
 else PY=python3; fi
-BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-330}
 BUILD_MODE=${DEVICE_CHECK_BUILD:-auto}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -147,14 +148,14 @@ echo "=== setup: exit $rc"
 # Only files with GPU tests: the others may import what this machine lacks (fastapi, openai).
 mapfile -t GPU_TESTS < <(grep -lE 'pytest\.mark\.gpu|pytestmark *=.*gpu' tests/test_*.py 2>/dev/null)
 (( ${#GPU_TESTS[@]} )) || GPU_TESTS=(tests/)
-# `python -m pytest` puts its working folder first on sys.path (some tests import `kernels` from the
-# checkout): from the checkout normally, from $RUN after an overlay build (whose site has both names).
+# `python -m pytest` puts its working folder first on sys.path: the checkout normally, $RUN after an
+# overlay build (so that the overlay's splitreason_engine, with its _C, is the one imported).
 PYTEST_DIR=$ROOT
 [[ -n "${OVERLAY_SITE:-}" ]] && PYTEST_DIR=$RUN
-run_step pytest 150 210 env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE -p no:cacheprovider \
+run_step pytest 120 190 env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE -p no:cacheprovider \
     --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "${GPU_TESTS[@]/#/$ROOT/}"
-run_step gpu_kernels 120 150 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
-run_step gpu_decode 270 5 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
+run_step gpu_kernels 90 100 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
+run_step gpu_decode 150 5 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
 
 export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_MERGED=$MERGED_JSON \
     DC_PYTEST_LOG=$LOGS/pytest.log DC_LOGS=$LOGS DC_SMOKE=$SMOKE DC_START=$START DC_SLUG=$SLUG
