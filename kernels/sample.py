@@ -101,11 +101,13 @@ def sample_and_detect_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k
     greedy = temperature < GREEDY_BELOW
     inv_t = 1 / torch.where(greedy, 1.0, temperature.float())  # x * (1 / T): what the kernel computes
     tokens = x.argmax(dim=-1)
-    if not bool(greedy.all()):
-        floor = _thresholds(x, inv_t, torch.where(greedy, 0, top_k), torch.where(greedy, 1.0, top_p.float()))
-        gumbel = -torch.log(-torch.log(noise_uniform(keys, real_vocab)))
-        score = torch.where(x >= floor[:, None], x * inv_t[:, None] + gumbel, float("-inf"))
-        tokens = torch.where(greedy, tokens, score.argmax(dim=-1))
+    rows = (~greedy).nonzero().squeeze(1)
+    if rows.numel():  # only the sampled rows pay for the noise and the sort
+        xs, inv_ts = x[rows], inv_t[rows]
+        floor = _thresholds(xs, inv_ts, top_k[rows], top_p[rows].float())
+        gumbel = -torch.log(-torch.log(noise_uniform(keys[rows], real_vocab)))
+        score = torch.where(xs >= floor[:, None], xs * inv_ts[:, None] + gumbel, float("-inf"))
+        tokens[rows] = score.argmax(dim=-1)
     logprobs = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
     detect = det_states >= 0
