@@ -35,6 +35,7 @@ class Ops:
 
 
 def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
+    """The reference has no grid to size: it takes the chunks' lengths from query_start_loc."""
     return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
@@ -49,12 +50,8 @@ def triton_ops() -> Ops:
     from .rope_triton import rope_store_kv
     from .sample_triton import sample_and_detect
 
-    def extend(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
-        return paged_extend_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                      max_query_len=max_query_len)
-
-    return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, extend, silu_and_mul,
-               sample_and_detect)
+    return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, paged_extend_attention,
+               silu_and_mul, sample_and_detect)
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:

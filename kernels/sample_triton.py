@@ -117,6 +117,13 @@ def _search(row, row_len, real_vocab, lo, hi, target, floor, m, inv_t, MASS: tl.
 
 
 @triton.jit
+def _race_update(score, offs, best, arg):
+    """Each lane keeps its best race score so far and the id that scored it."""
+    win = score > best
+    return tl.where(win, score, best), tl.where(win, offs, arg)
+
+
+@triton.jit
 def _race(row, row_len, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.constexpr):
     """The winner of the Gumbel race over the logits >= floor."""
     lanes = tl.arange(0, BLOCK)
@@ -127,9 +134,7 @@ def _race(row, row_len, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.cons
         valid = offs < real_vocab
         x = _load(row, offs, valid, row_len)
         score = tl.where(valid & (x >= floor), _race_scores(x, offs, inv_t, key_lo, key_hi), NEG_INF)
-        win = score > best
-        arg = tl.where(win, offs, arg)
-        best = tl.where(win, score, best)
+        best, arg = _race_update(score, offs, best, arg)
     return _first_max(best, arg)
 
 
@@ -172,10 +177,7 @@ def _sample_detect_kernel(logits_ptr, row_stride, row_len, temp_ptr, top_k_ptr, 
         m_lane = new_m
         kmin_lane = tl.minimum(kmin_lane, tl.where(valid, _key(x), INT32_MAX))
         if plain:
-            score = _race_scores(x, offs, inv_t, key_lo, key_hi)
-            win = score > race_lane
-            race_arg = tl.where(win, offs, race_arg)
-            race_lane = tl.where(win, score, race_lane)
+            race_lane, race_arg = _race_update(_race_scores(x, offs, inv_t, key_lo, key_hi), offs, race_lane, race_arg)
     m = tl.max(m_lane, axis=0)
     total = tl.sum(s_lane * tl.exp(m_lane - tl.where(m == NEG_INF, 0.0, m)), axis=0)
     tok = _first_max(m_lane, arg_lane)

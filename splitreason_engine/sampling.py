@@ -142,7 +142,7 @@ class RowInputs:
         stops = buf[6 * n:].reshape(n, width)
         stops[:] = -1
         for row, ids in enumerate(stop_ids):
-            stops[row, : len(ids)] = sorted(ids)
+            stops[row, : len(ids)] = list(ids)
         host = torch.from_numpy(buf)
         t = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         return cls(t[2 * n: 3 * n].view(torch.float32), t[4 * n: 5 * n], t[3 * n: 4 * n].view(torch.float32),

@@ -169,18 +169,12 @@ def _check_add_rms_norm(n: int, hidden: int, dtype: torch.dtype, device: torch.d
     close(residual, expected_res, "add_rms_norm residual")
 
 
+@pytest.mark.parametrize("check", [_check_rms_norm, _check_add_rms_norm], ids=["rms_norm", "add_rms_norm"])
 @pytest.mark.parametrize("n", [0, 1, 5])
 @pytest.mark.parametrize("hidden", [8, 20, 48])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_rms_norm(n, hidden, dtype, seed):
-    _check_rms_norm(n, hidden, dtype, CPU, seed, _tol_close(dtype, seed, 3e-3))
-
-
-@pytest.mark.parametrize("n", [0, 1, 5])
-@pytest.mark.parametrize("hidden", [8, 20, 48])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_add_rms_norm(n, hidden, dtype, seed):
-    _check_add_rms_norm(n, hidden, dtype, CPU, seed, _tol_close(dtype, seed, 3e-3))
+def test_norms(check, n, hidden, dtype, seed):
+    check(n, hidden, dtype, CPU, seed, _tol_close(dtype, seed, 3e-3))
 
 
 # --- SwiGLU ----------------------------------------------------------------------------------
