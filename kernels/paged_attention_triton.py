@@ -13,10 +13,13 @@ so it is split-K ("flash decoding"), in two launches:
      in BLOCK_N blocks and computes all query heads of that KV head at once (the GQA group, padded
      to BLOCK_H >= 16 rows so QK^T and PV are `tl.dot`s), each K/V tile read once for the group.
      Online softmax within the split; it writes the split's softmax-normalised partial output
-     [B, Hq, max_splits, D] and its log-sum-exp [B, Hq, max_splits] (both fp32, LSE in base 2).
+     [B, Hq, max_splits, BLOCK_D] and its log-sum-exp [B, Hq, max_splits] (both fp32, LSE in base 2).
   2. grid (B, Hq): merges the splits of one head by their LSE into `out` (the dtype of q).
 The grid depends only on (B, Hkv, max_splits), never on seq_lens, and the wrappers never read a
 device value on the host, so decode can be captured in a CUDA graph and replayed with new lengths.
+The workspace is laid out [B, Hq, max_splits, BLOCK_D] and addressed inside the kernels from
+max_splits and BLOCK_D, so its offsets are known multiples of BLOCK_D (vector stores and loads)
+without passing its strides.
 How many splits a sequence really uses is chosen in the kernel from its seq_len:
     n = max(1, min(max_splits, cdiv(seq_len, BLOCK_N)))
     split_tokens = cdiv(cdiv(seq_len, n), BLOCK_N) * BLOCK_N       (whole blocks per split)
@@ -29,6 +32,17 @@ Extend (a chunk of new tokens per sequence, already in the cache) is flash atten
 (B, Hq, cdiv(max_query_len, BLOCK_M)); each program holds BLOCK_M query rows of one head and
 streams the visible KV blocks (cached prefix plus the causal part of the chunk) through an online
 softmax. Query blocks past a sequence's chunk do no work.
+
+Compiled variants: Triton compiles a kernel once per specialization key: the constexprs, the dtype
+of each pointer, and, unless an argument is listed in `do_not_specialize`, whether an integer is 1
+or a multiple of 16 and whether a pointer is 16-byte aligned. Every argument that changes from one
+engine step to the next (the batch's block-table width, max_splits, the metadata pointers, which
+are views at step-dependent offsets) is in `do_not_specialize`: they are scalar or gathered
+loads, for which the specialization buys nothing. What is left depends only on the model, its
+dtype and the device, plus one thing: q of extend is q[num_decodes:] of the fused qkv, so its
+16-byte alignment depends on num_decodes when a token's qkv row is not a multiple of 16 bytes
+(never at head_dim 128). A warm-up with num_decodes 0 and 1 reaches both classes
+(splitreason_engine/warmup.py).
 
 Arithmetic: tiles are loaded in the cache dtype, QK^T and PV are `tl.dot`s accumulating in fp32
 (P is cast to the V dtype for the PV dot, as flash attention does), softmax state is fp32 and in
@@ -73,8 +87,21 @@ def _warps(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+def _new_out(q: torch.Tensor) -> torch.Tensor:
+    """A contiguous output for q: its strides (and their specialization) do not depend on the step,
+    as empty_like's would (it keeps a strided view's strides when the view has one row)."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def splits_for(batch: int, num_kv_heads: int, sm_count: int) -> int:
+    """decode_splits on a GPU of `sm_count` SMs (any value in [1, MAX_SPLITS]: max_splits is not
+    specialized on, so every value runs the same compiled kernel)."""
+    wanted = PROGRAMS_PER_SM * sm_count
+    return max(1, min(MAX_SPLITS, triton.cdiv(wanted, max(1, batch * num_kv_heads))))
 
 
 def decode_splits(batch: int, num_kv_heads: int, device: torch.device | str) -> int:
@@ -88,28 +115,31 @@ def decode_splits(batch: int, num_kv_heads: int, device: torch.device | str) -> 
     if device.type != "cuda":
         return CPU_SPLITS
     index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = PROGRAMS_PER_SM * _sm_count(index)
-    return max(1, min(MAX_SPLITS, triton.cdiv(wanted, max(1, batch * num_kv_heads))))
+    return splits_for(batch, num_kv_heads, _sm_count(index))
 
 
-@triton.jit
+# Per-step arguments (see "Compiled variants" above): never specialized on.
+_STEP_ARGS = ["block_tables_ptr", "seq_lens_ptr", "stride_btb"]
+
+
+@triton.jit(do_not_specialize=_STEP_ARGS + ["max_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_vp, stride_vt, stride_vh, stride_vd,
     stride_btb, stride_btw,
-    stride_pob, stride_poh, stride_pos,
-    stride_plb, stride_plh,
     scale_log2, page_tokens, max_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (sequence, KV head, split): partial attention of the KV head's query heads over the
-    split's tokens, and its base-2 log-sum-exp (-inf for a split with no tokens)."""
+    split's tokens, and its base-2 log-sum-exp (-inf for a split with no tokens), into the
+    [B, Hq, max_splits, BLOCK_D] / [B, Hq, max_splits] workspaces."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
 
     # Splits actually used for this sequence, chosen here so the grid stays static.
     seq_len = tl.load(seq_lens_ptr + b)
@@ -154,17 +184,14 @@ def _decode_split_kernel(
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)), float("-inf"))
-    po = part_out_ptr + b.to(tl.int64) * stride_pob + split * stride_pos
-    tl.store(po + heads[:, None] * stride_poh + offs_d[None, :], out, mask=h_mask[:, None] & d_mask[None, :])
-    pl = part_lse_ptr + b.to(tl.int64) * stride_plb + split
-    tl.store(pl + heads * stride_plh, lse, mask=h_mask)
+    part = (b.to(tl.int64) * num_heads + heads) * max_splits + split  # [BLOCK_H] workspace rows
+    tl.store(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(part_lse_ptr + part, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits"])
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,
-    stride_pob, stride_poh, stride_pos,
-    stride_plb, stride_plh,
     stride_ob, stride_oh, stride_od,
     max_splits,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -177,8 +204,9 @@ def _decode_reduce_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    lse_row = part_lse_ptr + b.to(tl.int64) * stride_plb + head * stride_plh
-    part_row = part_out_ptr + b.to(tl.int64) * stride_pob + head * stride_poh
+    row = (b.to(tl.int64) * tl.num_programs(1) + head) * max_splits  # the head's first workspace row
+    lse_row = part_lse_ptr + row
+    part_row = part_out_ptr + row * BLOCK_D
 
     m = float("-inf")
     total = 0.0
@@ -191,7 +219,7 @@ def _decode_reduce_kernel(
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # no -inf - -inf
         alpha = tl.exp2(m - m_safe)
         w = tl.where(live, tl.exp2(lse - m_safe), 0.0)
-        parts = tl.load(part_row + splits[:, None] * stride_pos + offs_d[None, :],
+        parts = tl.load(part_row + splits[:, None] * BLOCK_D + offs_d[None, :],
                         mask=live[:, None] & d_mask[None, :], other=0.0)
         total = total * alpha + tl.sum(w, 0)
         acc = acc * alpha + tl.sum(parts * w[:, None], 0)
@@ -220,35 +248,32 @@ def paged_decode_attention(
     batch, num_heads, head_dim = q.shape
     _, page_tokens, num_kv_heads, _ = k_cache.shape
     if out is None:
-        out = torch.empty_like(q)
+        out = _new_out(q)
     if batch == 0:
         return out
     if max_splits is None:
         max_splits = decode_splits(batch, num_kv_heads, q.device)
     group = num_heads // num_kv_heads
-    part_out = torch.empty(batch, num_heads, max_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
     block_d = _block_d(head_dim)
+    part_out = torch.empty(batch, num_heads, max_splits, block_d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, max_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
-        *part_out.stride()[:3], *part_lse.stride()[:2],
         scale * _LOG2E, page_tokens, max_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(MIN_BLOCK_H, triton.next_power_of_2(group)),
         BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(k_cache.dtype),
         num_warps=_warps(k_cache.dtype),
     )
     _decode_reduce_kernel[(batch, num_heads)](
-        part_out, part_lse, out,
-        *part_out.stride()[:3], *part_lse.stride()[:2], *out.stride(),
-        max_splits,
+        part_out, part_lse, out, *out.stride(), max_splits,
         HEAD_DIM=head_dim, BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=block_d,
         num_warps=4,
     )
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_ARGS + ["query_start_loc_ptr"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
     stride_qn, stride_qh, stride_qd,
@@ -341,7 +366,7 @@ def paged_extend_attention(
     _, page_tokens, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
     if out is None:
-        out = torch.empty_like(q)
+        out = _new_out(q)
     if batch == 0 or num_tokens == 0:
         return out
     if max_query_len is None:

@@ -14,7 +14,9 @@ import triton.language as tl
 _MAX_BLOCK_ELEMS = 2048
 
 
-@triton.jit
+# The slot mapping is a view at a step-dependent offset of the step's inputs; one scalar load per
+# token, so its alignment is not specialized on (one compiled variant per model and dtype).
+@triton.jit(do_not_specialize=["slot_ptr"])
 def _rope_store_kv_kernel(
     qk_ptr, v_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     num_q_heads, num_kv_heads, head_dim, page_tokens,

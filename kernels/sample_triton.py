@@ -24,6 +24,9 @@ CLOSING = tl.constexpr(sample.CLOSING)
 STOP = tl.constexpr(sample.STOP)
 STATE_SHIFT = tl.constexpr(sample.STATE_SHIFT)
 _PIVOTS = 16
+# Stop ids are compared STOP_BLOCK at a time, however many a row has: the width of a step's stop
+# ids changes from step to step and must not pick a new compiled variant.
+STOP_BLOCK = 16
 
 
 @triton.jit
@@ -138,7 +141,15 @@ def _race(row, row_len, real_vocab, floor, inv_t, key_lo, key_hi, BLOCK: tl.cons
     return _first_max(best, arg)
 
 
-@triton.jit
+# Arguments that change from step to step, never specialized on: the per-row inputs are views at
+# offsets that depend on the row count (one packed buffer), the stop-id width varies, and the
+# vocabulary sizes and table strides are only read in scalar arithmetic. row_stride and row_len
+# (the logits' padded vocabulary) stay specialized: they keep the row loads 16 bytes wide.
+_STEP_ARGS = ["temp_ptr", "top_k_ptr", "top_p_ptr", "keys_ptr", "real_vocab", "det_ptr", "next_stride",
+              "flags_stride", "stop_ptr", "stop_stride", "num_stops"]
+
+
+@triton.jit(do_not_specialize=_STEP_ARGS)
 def _sample_detect_kernel(logits_ptr, row_stride, row_len, temp_ptr, top_k_ptr, top_p_ptr, keys_ptr, real_vocab,
                           det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr,
                           stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
@@ -201,9 +212,13 @@ def _sample_detect_kernel(logits_ptr, row_stride, row_len, temp_ptr, top_k_ptr, 
     flags = tl.load(flags_ptr + state * flags_stride + tok, mask=detect, other=0).to(tl.int32)
     closes = tl.load(closing_ptr + nxt, mask=detect, other=0).to(tl.int32) != 0
     word = tl.where(detect, (nxt << STATE_SHIFT) | flags | tl.where(closes, CLOSING, 0), 0)
-    stop_cols = tl.arange(0, STOPS)
-    stops = tl.load(stop_ptr + pid.to(tl.int64) * stop_stride + stop_cols, mask=stop_cols < num_stops, other=-1)
-    word = word | tl.where(tl.sum((stops == tok).to(tl.int32), axis=0) > 0, STOP, 0)
+    stop_row = stop_ptr + pid.to(tl.int64) * stop_stride
+    hits = 0
+    for s0 in range(0, num_stops, STOPS):
+        stop_cols = s0 + tl.arange(0, STOPS)
+        stops = tl.load(stop_row + stop_cols, mask=stop_cols < num_stops, other=-1)
+        hits += tl.sum((stops == tok).to(tl.int32), axis=0)
+    word = word | tl.where(hits > 0, STOP, 0)
     tl.store(tok_ptr + pid, tok)
     tl.store(word_ptr + pid, word)
     tl.store(lp_ptr + pid, tl.load(row + tok) - m - tl.log(total))
@@ -234,6 +249,6 @@ def sample_and_detect(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
             det_states, next_state, next_state.stride(0), tag_flags, tag_flags.stride(0), closing,
             stops, stops.stride(0), num_stops, *out,
             GREEDY=sample.GREEDY_BELOW, BLOCK=block, SEARCH_BLOCK=block // 4, PIVOTS=_PIVOTS,
-            STOPS=triton.next_power_of_2(max(num_stops, 1)), num_warps=min(max(block // 256, 4), 16),
+            STOPS=STOP_BLOCK, num_warps=min(max(block // 256, 4), 16),
             enable_fp_fusion=False)  # an FMA would round the race scores differently from torch
     return out
