@@ -110,3 +110,20 @@ def test_cuda_bf16_path_tracks_fp32_logits(tiny_checkpoints):
     for a, b in zip(cpu.generate(prompts, params, use_tqdm=False), gpu.generate(prompts, params, use_tqdm=False)):
         assert a.token_ids == b.token_ids
         assert abs(a.logprobs[0] - b.logprobs[0]) <= 5e-2 * max(1.0, abs(a.logprobs[0]))
+
+
+def test_staged_inputs_equal_in_place_inputs(tiny_checkpoints, monkeypatch):
+    """The CUDA layout of an eager step's inputs (one staging buffer, regions back to back, block-table
+    rows compacted to the step's width, two host buffers in turn) run on the CPU: chunked prefill,
+    mixed steps and sampled subsets give the in-place path's tokens."""
+    from splitreason_engine import runner
+
+    folder = tiny_checkpoints["gqa2-untied-1e6"]
+    prompts = ragged_prompts_for(11, count=7, lo=2, hi=40)
+    max_tokens = [5, 9, 3, 12, 7, 4, 10]
+    kwargs = dict(kv_cache_bytes=1 << 22, page_tokens=5, max_num_batched_tokens=19, progress=False)
+    expected = greedy(Engine(folder, **kwargs), prompts, max_tokens)
+    monkeypatch.setattr(runner, "stages", lambda device: True)
+    engine = Engine(folder, **kwargs)
+    assert all(r.staged for r in engine.runners)
+    assert greedy(engine, prompts, max_tokens) == expected
