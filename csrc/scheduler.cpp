@@ -168,7 +168,7 @@ bool Scheduler::make_room(const Request* r) {
 bool Scheduler::plan_foreground(Request* r, bool may_evict) {
   for (int32_t m = 0; m < num_models(); ++m) {
     View& view = r->views[m];
-    if (view.run != Run::kForeground) continue;
+    if (view.run != Run::kForeground || held(m)) continue;
     const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
     const int32_t count = std::min(pending, budget_[m]);
     if (count == 0) continue;
@@ -180,7 +180,8 @@ bool Scheduler::plan_foreground(Request* r, bool may_evict) {
   return true;
 }
 
-void Scheduler::schedule() {
+void Scheduler::schedule(uint32_t held_models) {
+  held_models_ = held_models;
   budget_.assign(num_models(), config_.max_num_batched_tokens);
   for (auto& plan : plans_) plan.clear();
 
@@ -198,7 +199,8 @@ void Scheduler::schedule() {
     bool fits = false;  // some foreground view has work its model's batch can take
     for (int32_t m = 0; m < num_models(); ++m) {
       const View& v = r->views[m];
-      fits |= v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed && budget_[m] > 0;
+      fits |= v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed && budget_[m] > 0 &&
+              !held(m);
     }
     if (!fits) {  // this model's batch is full; the other model's requests may still fit
       ++it;
@@ -219,7 +221,7 @@ void Scheduler::schedule() {
     for (int32_t m = 0; m < num_models(); ++m) {
       View& view = r->views[m];
       const int32_t count = std::min(static_cast<int32_t>(view.tokens.size()) - view.num_computed, budget_[m]);
-      if (view.run == Run::kBackground && count > 0 && reserve_pages(view, m, view.num_computed + count))
+      if (view.run == Run::kBackground && !held(m) && count > 0 && reserve_pages(view, m, view.num_computed + count))
         plan(r, m, count, /*sample=*/false);
     }
 
@@ -285,6 +287,16 @@ bool Scheduler::finish(int64_t id) {
   return true;
 }
 
+int32_t Scheduler::ready_rows(int32_t model) const {
+  if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
+  int32_t rows = 0;
+  for (const auto& kv : requests_) {
+    const View& v = kv.second->views[model];
+    rows += v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed;
+  }
+  return rows;
+}
+
 int32_t Scheduler::pages_held(int32_t model) const {
   int32_t total = 0;
   for (const auto& kv : requests_) total += static_cast<int32_t>(kv.second->views.at(model).pages.size());
@@ -299,7 +311,7 @@ const Request& Scheduler::request(int64_t id) const {
 
 void Scheduler::check_invariants() const {
   std::vector<int32_t> holders(allocator_.num_pages(), 0);
-  int32_t held = 0;
+  int32_t held_pages = 0;
   for (const auto& kv : requests_) {
     const Request& r = *kv.second;
     for (int32_t m = 0; m < num_models(); ++m) {
@@ -312,7 +324,7 @@ void Scheduler::check_invariants() const {
         throw std::logic_error("waiting request " + std::to_string(r.id) + " holds pages");
       for (int32_t page : v.pages) {
         ++holders[page];
-        ++held;
+        ++held_pages;
       }
     }
   }
@@ -320,8 +332,8 @@ void Scheduler::check_invariants() const {
     if (holders[p] != allocator_.refcount(p))
       throw std::logic_error("page " + std::to_string(p) + " held " + std::to_string(holders[p]) +
                              " times, refcount " + std::to_string(allocator_.refcount(p)));
-  if (held + allocator_.num_free() != allocator_.num_pages())
-    throw std::logic_error("pages leaked: held " + std::to_string(held) + " + free " +
+  if (held_pages + allocator_.num_free() != allocator_.num_pages())
+    throw std::logic_error("pages leaked: held " + std::to_string(held_pages) + " + free " +
                            std::to_string(allocator_.num_free()) + " != " + std::to_string(allocator_.num_pages()));
   if (static_cast<int32_t>(running_.size()) > config_.max_num_seqs) throw std::logic_error("too many running requests");
   if (running_.size() + waiting_.size() != requests_.size()) throw std::logic_error("request lost from the queues");

@@ -79,8 +79,13 @@ class Scheduler {
 
   // `views[m]` is model m's initial token stream (empty if unused), `runs[m]` its Run.
   void add_request(int64_t id, const std::vector<std::vector<int32_t>>& views, const std::vector<int32_t>& runs);
-  // Plans one step and fills every model's buffers and counts row.
-  void schedule();
+  // Plans one step and fills every model's buffers and counts row. Models whose bit is set in
+  // `held_models` do not run this step: their views keep their pages and their place, and wait
+  // (the co-scheduling policy gathers big-model work this way).
+  void schedule(uint32_t held_models = 0);
+  // Requests (running or waiting) with a foreground view in `model` that has tokens to compute:
+  // the rows that model would run if it ran now.
+  int32_t ready_rows(int32_t model) const;
   // Appends tokens to a view (a sampled token, another model's text, a catch-up chunk).
   void append(int64_t id, int32_t model, const std::vector<int32_t>& tokens);
   // Rollback: keeps the first `num_tokens` tokens of a view and frees KV pages past them.
@@ -113,6 +118,7 @@ class Scheduler {
 
   bool reserve_pages(View& view, int32_t model, int32_t num_tokens);
   bool plan_foreground(Request* r, bool may_evict);
+  bool held(int32_t model) const { return (held_models_ >> model) & 1u; }
   void plan(Request* r, int32_t model, int32_t count, bool sample);
   bool make_room(const Request* r);
   // Takes a request's entries out of this step's plans and gives their tokens back to the budget.
@@ -131,6 +137,7 @@ class Scheduler {
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;
   std::vector<std::vector<Entry>> plans_;
+  uint32_t held_models_ = 0;  // the mask of the step being planned
   std::vector<int32_t> budget_;  // tokens each model's batch can still take in the step being planned
   std::vector<BatchBuffers> buffers_;
   std::vector<int32_t> counts_;

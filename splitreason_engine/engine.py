@@ -6,8 +6,6 @@ next and tells the scheduler (append, truncate, foreground / background / idle).
 """
 
 import logging
-import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -17,15 +15,18 @@ from tqdm.auto import tqdm
 
 from . import _C
 from .config import parse_dtype
+from .coschedule import BIG, POLICIES, make_policy
 from .decode_graphs import DecodeGraphs
 from .kernels.ops import select_ops
 from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
-from .protocol import BIG, CATCH_UP_POLICIES, SMALL, Flow, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
+from .protocol import CATCH_UP_POLICIES, SMALL, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
+from .requests import Request, RequestBook
 from .runner import ModelRunner
 from .sampling import DetectTables, SamplingParams, sample_and_detect
 from .stats import EngineStats
+from .step_costs import StepCosts, WallClock, measure
 from .tags import TagDetector, Tags, token_bytes
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -35,33 +36,6 @@ logger = logging.getLogger(__name__)
 def default_model_path() -> Path:
     """The embedded default: a small Qwen2 config (random weights) with a byte-level tokenizer."""
     return Path(str(resources.files("splitreason_engine") / "configs" / "tiny-qwen2"))
-
-
-@dataclass
-class _Request:
-    id: int
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    stop_ids: frozenset
-    flow: "Flow | None" = None
-    tokens: list[int] = field(default_factory=list)
-    token_models: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""  # streamed text so far (only kept when streaming or matching stop strings)
-    detokenizer: "IncrementalDetokenizer | None" = None
-    finish_reason: "str | None" = None
-    stopped_by_string: bool = False
-    stop_reason: "str | int | None" = None  # the stop string matched, or the stop token id sampled
-    output: "RequestOutput | None" = None  # filled in when the request finishes
-    sent_tokens: int = 0  # how much a stream has already yielded
-    sent_text: int = 0
-
-    @property
-    def holdback(self) -> int:
-        """Trailing characters that could still start a stop string."""
-        return max((len(s) for s in self.params.stop), default=1) - 1
 
 
 Prompt = Union[str, list[int]]
@@ -87,7 +61,10 @@ class Engine:
                  kv_cache_memory_fraction: "float | None" = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: "int | None" = None, seed: int = 0,
                  template: "PromptTemplate | None" = None, tags: "Tags | None" = None, catch_up: str = "lazy",
-                 kernels: str = "auto", cuda_graphs: "bool | None" = None, progress: bool = True):
+                 kernels: str = "auto", cuda_graphs: "bool | None" = None, coschedule: str = "auto",
+                 max_big_wait_steps: "int | None" = None, max_big_wait_s: "float | None" = None,
+                 gather_min_rows: "int | None" = None, step_costs: "str | Path | StepCosts | None" = None,
+                 clock=None, progress: bool = True):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
@@ -108,6 +85,11 @@ class Engine:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if catch_up not in CATCH_UP_POLICIES:
             raise ValueError(f"catch_up must be one of {CATCH_UP_POLICIES}, got {catch_up!r}")
+        if coschedule not in POLICIES:
+            raise ValueError(f"coschedule must be one of {POLICIES}, got {coschedule!r}")
+        if isinstance(step_costs, (str, Path)):
+            step_costs = StepCosts.load(step_costs)
+        self.clock = clock or WallClock()
         self.catch_up, self.seed = catch_up, seed
         self.template, self.tags = template or PromptTemplate(), tags or Tags()
         if small is None:
@@ -142,8 +124,13 @@ class Engine:
                 graphs.capture_all(progress)
         self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
         self.stats = EngineStats(len(self.models))
+        self.policy, self.step_costs = self._choose_policy(coschedule, step_costs, max_num_seqs,
+                                                           max_num_batched_tokens, gather_min_rows,
+                                                           max_big_wait_steps, max_big_wait_s)
+        self.stats.policy = self.policy.describe()
         self._generator = torch.Generator().manual_seed(seed)  # noise keys are drawn on the host
-        self._requests: dict[int, _Request] = {}
+        self.book = RequestBook(self.scheduler, self.tokenizer, max_model_len, len(self.models), self.stats)
+        self._requests = self.book.live
         self._next_id = 0
         eos = {t for c in configs for t in c.eos_token_ids} | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.eos_token_ids = sorted(eos)
@@ -156,6 +143,7 @@ class Engine:
             if big is not None:
                 self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
         self.detect_tables = DetectTables.build(self.detector, self.device)
+        self.flow_context = FlowContext(self.book, self.tokenizer, self.tags, self.detector, catch_up, len(self.models))
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -174,6 +162,21 @@ class Engine:
         if self.tokenizer is None or not self.tokenizer.same_vocabulary(big_tok):
             raise ValueError(f"the big model's tokenizer ({big_folder / 'tokenizer.json'}) differs from the small "
                              "model's: SplitReason passes token ids between them, so both must use the same tokenizer")
+
+    def _choose_policy(self, name, costs, max_num_seqs, max_num_batched_tokens, min_rows, max_wait_steps,
+                       max_wait_s):
+        """The co-scheduling policy; with two models and no calibration file, the step costs it
+        reads are timed here, on the models as loaded."""
+        if len(self.models) < 2:
+            return make_policy("eager", None, max_num_seqs), costs
+        wanted = name == "auto" or (name == "gather" and min_rows is None) or (
+            name == "gather" and max_wait_steps is None and max_wait_s is None)
+        if costs is None and wanted:
+            costs = measure(self.runners, min(max_num_seqs, max_num_batched_tokens),
+                            min(max_num_batched_tokens, self.max_model_len - 1))
+        policy = make_policy(name, costs, max_num_seqs, min_rows, max_wait_steps, max_wait_s)
+        logger.info("co-scheduling: %s (step costs: %s)", policy.describe(), costs)
+        return policy, costs
 
     def _build_pool(self, configs, page_tokens, kv_cache_bytes, fraction) -> KVPool:
         page_bytes = page_bytes_for(configs, self.dtype, page_tokens)
@@ -235,14 +238,14 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         rid = self._next_id
-        metrics = RequestMetrics(time.perf_counter(), mode=mode)
+        metrics = RequestMetrics(self.clock.now(), mode=mode)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
-        req = _Request(rid, index, [], params, metrics, stop_ids)
+        req = Request(rid, index, [], params, metrics, stop_ids)
         if mode in ("small", "big"):
             model = SMALL if mode == "small" else BIG
             req.prompt = self._tokenize(prompt)
             self._check_prompt(req.prompt, self.real_vocab[model])
-            req.flow = SingleFlow(self, req, model)
+            req.flow = SingleFlow(self.flow_context, req, model)
         else:
             if not isinstance(prompt, str) or self.tokenizer is None:
                 raise ValueError(f"mode {mode!r} needs the question as a string (it is put into the prompt template)")
@@ -252,10 +255,10 @@ class Engine:
             self._check_prompt(big_ids, vocab, "templated prompt")
             req.prompt = small_ids
             if mode == "split":
-                req.flow = SplitFlow(self, req, small_ids, big_ids)
+                req.flow = SplitFlow(self.flow_context, req, small_ids, big_ids)
             else:
                 seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid
-                req.flow = RandomFlow(self, req, small_ids, big_ids, seed)
+                req.flow = RandomFlow(self.flow_context, req, small_ids, big_ids, seed)
         metrics.num_prompt_tokens = len(req.prompt)
         self.scheduler.add_request(rid, *req.flow.initial_views())
         self._next_id += 1
@@ -266,7 +269,7 @@ class Engine:
         """Ends a queued or running request now (finish_reason "abort") and frees its pages."""
         req = self._requests.get(request_id)
         if req is not None:
-            self._end(req, "abort", time.perf_counter())
+            self.book.end(req, "abort", self.clock.now())
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -277,15 +280,18 @@ class Engine:
     def step(self) -> int:
         """One engine step over every queued request, whoever submitted it; returns how many
         sequences ran (0: nothing to do). Results accumulate on the requests themselves."""
-        self.scheduler.schedule()
-        ran = 0
-        sampled = []
+        start = self.clock.now()
+        self._plan(start)
+        ran, sampled = 0, []
         for m, runner in enumerate(self.runners):
             num_seqs, num_tokens, num_decodes, num_samples, width = self._counts[m].tolist()
             ran += num_seqs
             if num_seqs == 0:
                 continue
-            start = time.perf_counter()
+            self.stats.count_step(m, num_seqs)
+            if m == BIG:
+                self.book.mark_big_started(runner.buffers["seq_request_ids"][:num_seqs].tolist(), start)
+            began = self.clock.now()
             logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
             if num_samples > 0:
                 reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
@@ -295,81 +301,33 @@ class Engine:
                     self.detect_tables, [r.stop_ids for r in reqs])
                 sampled.append((m, reqs, tokens.tolist(), words.tolist(),
                                 logprobs.tolist() if logprobs is not None else None))
-            self.stats.model_time[m] += time.perf_counter() - start
+            self.clock.charge(m, num_seqs, num_tokens)
+            self.stats.model_time[m] += self.clock.now() - began
         # The small model's rows first: in a big segment they decide whether the big token
         # sampled in the same step is still wanted.
-        now = time.perf_counter()
+        now = self.clock.now()
         for m, reqs, tokens, words, logprobs in sampled:
             for k, (req, token, word) in enumerate(zip(reqs, tokens, words)):
                 if req.finish_reason is None:
                     req.flow.on_token(m, token, word, logprobs[k] if logprobs else None, now)
         return ran
 
-    def _commit(self, req: _Request, token: int, model: int, logprob, now: float, stop: "bool | None" = None) -> bool:
-        """Adds one token to the request's output; False once the request has finished. `stop`: the
-        sampler's verdict on whether the token is one of the request's stop ids (None: look it up)."""
-        req.tokens.append(token)
-        req.token_models.append(model)
-        if model == BIG:
-            req.metrics.big_tokens += 1
-        else:
-            req.metrics.small_tokens += 1
-        if req.params.logprobs:
-            req.logprobs.append(logprob)
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        reason = None
-        if (token in req.stop_ids) if stop is None else stop:
-            reason, req.stop_reason = "stop", token
-        elif len(req.tokens) >= req.params.max_tokens:
-            reason = "length"
-        if req.detokenizer is not None:
-            delta = req.detokenizer.step(req.tokens)
-            req.text += delta
-            hit = self._find_stop(req, len(delta)) if req.params.stop else None
-            if hit is not None:
-                cut, req.stop_reason = hit
-                req.text, req.stopped_by_string, reason = req.text[:cut], True, "stop"
-        if reason is not None:
-            self._end(req, reason, now)
-        return reason is None
-
-    def _extend(self, req: _Request, model: int, tokens: list[int], now: float) -> bool:
-        """Appends tokens to one of the request's views; a view that reaches max_model_len ends
-        the request ("length"). False once the request has finished."""
-        if not tokens:
-            return True
-        if self.scheduler.view_size(req.id, model) + len(tokens) >= self.max_model_len:
-            self._end(req, "length", now)
-            return False
-        self.scheduler.append(req.id, model, tokens)
-        return True
-
-    def _end(self, req: _Request, reason: str, now: float) -> None:
-        """Finishes a request: final text, metrics, pages back to the pool."""
-        m = req.metrics
-        for model in range(len(self.models)):
-            m.peak_pages[model], m.tokens_processed[model] = self.scheduler.view_stats(req.id, model)
-        self.scheduler.finish(req.id)
-        req.flow.finish(now)
-        if req.detokenizer is not None and not req.stopped_by_string:
-            req.text = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
-        req.finish_reason = reason
-        m.finished_time = now
-        m.num_generated_tokens = len(req.tokens)
-        self.stats.add(m)
-        del self._requests[req.id]
-
-    @staticmethod
-    def _find_stop(req: _Request, delta_len: int) -> "tuple[int, str] | None":
-        """(where it starts, which) of the earliest stop string that ends in the new text, if any."""
-        start = max(0, len(req.text) - delta_len - req.holdback)
-        hits = [(i, s) for s, i in ((s, req.text.find(s, start)) for s in req.params.stop) if i >= 0]
-        return min(hits) if hits else None
+    def _plan(self, now: float) -> None:
+        """The scheduler plans the step; the co-scheduling policy says whether the big model sits
+        it out. A held big model runs after all when nothing else could."""
+        hold = len(self.runners) > 1 and self.policy.hold_big(
+            [self.scheduler.ready_rows(m) for m in range(len(self.runners))], now)
+        self.scheduler.schedule(1 << BIG if hold else 0)
+        if hold and not self._counts[:, 0].any():
+            hold = False
+            self.scheduler.schedule(0)
+        if hold:
+            self.stats.held_steps += 1
+        self.policy.observe(len(self.runners) > 1 and self._counts[BIG, 0] > 0, now)
 
     # ---- front doors --------------------------------------------------------------------------
 
-    def _submit(self, prompts, params, stream: bool) -> tuple[list[RequestOutput], list[_Request]]:
+    def _submit(self, prompts, params, stream: bool) -> tuple[list[RequestOutput], list[Request]]:
         """Queues every servable prompt; the others get an "error" output. On an unexpected
         exception nothing stays queued."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -404,7 +362,7 @@ class Engine:
             raise
         return outputs, reqs
 
-    def _finalize(self, req: _Request) -> RequestOutput:
+    def _finalize(self, req: Request) -> RequestOutput:
         out = req.output
         out.token_ids = req.tokens
         out.token_models = req.token_models
@@ -417,7 +375,7 @@ class Engine:
             out.text = self.tokenizer.decode(req.tokens)
         return out
 
-    def _event(self, req: _Request) -> "StreamEvent | None":
+    def _event(self, req: Request) -> "StreamEvent | None":
         """What a stream of `req` has not yielded yet (None: nothing new). Text that could still
         turn out to be part of a stop string is held back until it cannot."""
         done = req.finish_reason is not None
@@ -429,7 +387,7 @@ class Engine:
             return None
         return StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models)
 
-    def _step_for(self, pending: list[_Request]) -> None:
+    def _step_for(self, pending: list[Request]) -> None:
         if self.step() == 0 and any(r.finish_reason is None for r in pending):
             raise RuntimeError("engine stalled: requests are pending but nothing was scheduled")
 

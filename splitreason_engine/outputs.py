@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestMetrics:
-    """Per-request timings (seconds, from time.perf_counter) and token counts."""
+    """Per-request timings (seconds on the engine's clock: time.perf_counter, or simulated) and token counts."""
 
     arrival_time: float
     first_token_time: "float | None" = None
@@ -24,6 +24,7 @@ class RequestMetrics:
     big_time: float = 0.0  # wall seconds with the big model writing (first big token to segment end)
     catch_up_time: float = 0.0  # wall seconds from a handoff to the first big token
     handoff_latencies: list[float] = field(default_factory=list)  # each handoff: tag sampled -> first big token
+    big_waits: list[float] = field(default_factory=list)  # each handoff: tag sampled -> the big model first runs for it
     peak_pages: list[int] = field(default_factory=lambda: [0, 0])  # most KV pages held at once, per model
 
     @property

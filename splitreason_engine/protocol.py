@@ -25,14 +25,12 @@ in the background with spare budget, so a handoff has little left to prefill).
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import _C
 from .kernels.sample import CLOSING, STATE_SHIFT, STOP
-from .tags import CLOSE, OPEN
-
-if TYPE_CHECKING:
-    from .engine import Engine, _Request
+from .requests import Request, RequestBook
+from .tags import CLOSE, OPEN, TagDetector, Tags
+from .tokenizer import Tokenizer
 
 SMALL, BIG = 0, 1
 CATCH_UP_POLICIES = ("lazy", "eager")
@@ -67,12 +65,24 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class FlowContext:
+    """What every flow of one engine shares: the request book and the protocol's settings."""
+
+    book: RequestBook
+    tokenizer: "Tokenizer | None"
+    tags: Tags
+    detector: "TagDetector | None"
+    catch_up: str
+    num_models: int
+
+
 class Flow(ABC):
     """What one request's views read next, driven by the tokens sampled for it."""
 
-    def __init__(self, engine: "Engine", req: "_Request"):
-        self.engine, self.req = engine, req
-        self.sched = engine.scheduler
+    def __init__(self, ctx: FlowContext, req: Request):
+        self.ctx, self.req = ctx, req
+        self.book, self.sched = ctx.book, ctx.book.scheduler
         self.timer, self.since = "small", req.metrics.arrival_time
 
     @abstractmethod
@@ -104,7 +114,7 @@ class Flow(ABC):
         self.timer, self.since = timer, now
 
     def _idle_run(self) -> int:
-        return _C.RUN_BACKGROUND if self.engine.catch_up == "eager" else _C.RUN_IDLE
+        return _C.RUN_BACKGROUND if self.ctx.catch_up == "eager" else _C.RUN_IDLE
 
     def _set_run(self, model: int, run: int) -> None:
         self.sched.set_run(self.req.id, model, run)
@@ -122,30 +132,29 @@ class Flow(ABC):
 class SingleFlow(Flow):
     """`small` or `big` mode: one model, the prompt as given."""
 
-    def __init__(self, engine, req, model: int):
-        super().__init__(engine, req)
+    def __init__(self, ctx, req, model: int):
+        super().__init__(ctx, req)
         self.model = model
         self.timer = "big" if model == BIG else "small"
 
     def initial_views(self):
-        views = [[] for _ in self.engine.models]
-        runs = [_C.RUN_IDLE for _ in self.engine.models]
+        views = [[] for _ in range(self.ctx.num_models)]
+        runs = [_C.RUN_IDLE] * self.ctx.num_models
         views[self.model], runs[self.model] = list(self.req.prompt), _C.RUN_FOREGROUND
         return views, runs
 
     def on_token(self, model, token, word, logprob, now):
-        e = self.engine
-        if e._commit(self.req, token, model, logprob, now, stop=bool(word & STOP)):
-            e._extend(self.req, model, [token], now)
+        if self.book.commit(self.req, token, model, logprob, now, stop=bool(word & STOP)):
+            self.book.extend(self.req, model, [token], now)
 
 
 class SplitFlow(Flow):
     SMALL_PHASE, BIG_PHASE, PROBE = "small", "big", "probe"
 
-    def __init__(self, engine, req, small_ids: list[int], big_ids: list[int]):
-        super().__init__(engine, req)
+    def __init__(self, ctx, req, small_ids: list[int], big_ids: list[int]):
+        super().__init__(ctx, req)
         self.small_ids, self.big_ids = small_ids, big_ids
-        self.detector, self.tags = engine.detector, engine.tags
+        self.detector, self.tags = ctx.detector, ctx.tags
         self.phase = self.SMALL_PHASE
         self.det = 0  # automaton state after the small view's generated text
         self.seg_start = 0  # output index where the current small segment began
@@ -189,32 +198,32 @@ class SplitFlow(Flow):
     # ---- small segment ----------------------------------------------------------------------
 
     def _small_writes(self, token, word, logprob, now):
-        e, req = self.engine, self.req
-        if not e._commit(req, token, SMALL, logprob, now, stop=bool(word & STOP)) or not e._extend(req, SMALL, [token], now):
+        b, req = self.book, self.req
+        if not b.commit(req, token, SMALL, logprob, now, stop=bool(word & STOP)) or not b.extend(req, SMALL, [token], now):
             return
         self.det = word >> STATE_SHIFT
         if word & OPEN:
             self._handoff(now)
-        elif e.catch_up == "eager" and (len(req.tokens) - self.seg_start) % EAGER_SYNC_EVERY == 0:
+        elif self.ctx.catch_up == "eager" and (len(req.tokens) - self.seg_start) % EAGER_SYNC_EVERY == 0:
             self._sync_big(final=False, now=now)
 
     def _sync_big(self, final: bool, now: float) -> bool:
         """Brings the big view's copy of the current segment up to date: its text with the tags
         removed, re-tokenized; tokens that no longer match are rolled back. Before the handoff
         (eager mode) the text that may still become a tag or a character is held back."""
-        e, req = self.engine, self.req
-        text = e.tokenizer.decode(req.tokens[self.seg_start:])
+        b, req = self.book, self.req
+        text = self.ctx.tokenizer.decode(req.tokens[self.seg_start:])
         if not final:
             text = text.rstrip("\ufffd")
             text = text[:len(text) - self.tags.partial_suffix(text)]
-        ids = e.tokenizer.encode(self.tags.strip(text), add_special_tokens=False)
+        ids = self.ctx.tokenizer.encode(self.tags.strip(text), add_special_tokens=False)
         common = _common_prefix(self.big_seg, ids)
         if common < len(self.big_seg):
             self.sched.truncate(req.id, BIG, self.big_base + common)
             req.metrics.rolled_back_tokens += len(self.big_seg) - common
         self.big_seg = ids
         req.metrics.catch_up_tokens[BIG] += len(ids) - common
-        return e._extend(req, BIG, ids[common:], now)
+        return b.extend(req, BIG, ids[common:], now)
 
     def _handoff(self, now):
         self.req.metrics.handoffs += 1
@@ -225,17 +234,18 @@ class SplitFlow(Flow):
         self._ensure_pending(BIG)
         self._set_run(SMALL, _C.RUN_IDLE)
         self._set_run(BIG, _C.RUN_FOREGROUND)
+        self.req.big_wanted_since = now
         self.phase, self.seg_big, self.outstanding, self.held = self.BIG_PHASE, 0, False, None
 
     # ---- big segment ------------------------------------------------------------------------
 
     def _big_writes(self, token, word, logprob, now):
-        e, req = self.engine, self.req
+        b, req = self.book, self.req
         if self.seg_big == 0:
             req.metrics.handoff_latencies.append(now - self.tag_time)
             self._time("big", now)
-        if not (e._commit(req, token, BIG, logprob, now, stop=bool(word & STOP)) and e._extend(req, BIG, [token], now)
-                and e._extend(req, SMALL, [token], now)):
+        if not (b.commit(req, token, BIG, logprob, now, stop=bool(word & STOP)) and b.extend(req, BIG, [token], now)
+                and b.extend(req, SMALL, [token], now)):
             return
         req.metrics.catch_up_tokens[SMALL] += 1
         self.det = self.detector.step(self.det, token)[0]
@@ -244,7 +254,7 @@ class SplitFlow(Flow):
         self._set_run(BIG, _C.RUN_FOREGROUND)
         self.outstanding = True
         if self.seg_big >= req.params.max_offload_tokens:
-            close = e.tokenizer.encode(self.tags.close[0], add_special_tokens=False)
+            close = self.ctx.tokenizer.encode(self.tags.close[0], add_special_tokens=False)
             self._end_segment([(t, None) for t in close], in_small_view=False, now=now)
 
     def _decide(self, token, word, logprob, now):
@@ -258,7 +268,7 @@ class SplitFlow(Flow):
             self.probe_det, self.probe_len = self.det, self.sched.view_size(self.req.id, SMALL)
             self.det = state
             self._set_run(BIG, _C.RUN_IDLE)
-            self.engine._extend(self.req, SMALL, [token], now)
+            self.book.extend(self.req, SMALL, [token], now)
         elif self.held is not None:
             held, self.held = self.held, None
             self._big_writes(*held, now)
@@ -267,13 +277,13 @@ class SplitFlow(Flow):
         state = word >> STATE_SHIFT
         if word & CLOSE:
             self.probe.append((token, logprob))
-            if self.engine._extend(self.req, SMALL, [token], now):
+            if self.book.extend(self.req, SMALL, [token], now):
                 self.det = self.probe_det
                 self._end_segment(self.probe, in_small_view=True, now=now)
         elif word & CLOSING and len(self.probe) < self.detector.max_close_bytes:
             self.probe.append((token, logprob))
             self.det = state
-            self.engine._extend(self.req, SMALL, [token], now)
+            self.book.extend(self.req, SMALL, [token], now)
         else:  # not a close tag after all: roll the probe back, the big model goes on
             self.sched.truncate(self.req.id, SMALL, self.probe_len)
             self.req.metrics.rolled_back_tokens += len(self.probe) + 1
@@ -285,7 +295,7 @@ class SplitFlow(Flow):
 
     def _end_segment(self, tokens, in_small_view: bool, now: float) -> None:
         """The close tag (as the small model wrote it, or forced) ends the big segment."""
-        e, req = self.engine, self.req
+        b, req = self.book, self.req
         self._time("small", now)
         if self.held is not None:
             req.metrics.rolled_back_tokens += 1
@@ -293,9 +303,9 @@ class SplitFlow(Flow):
         self.seg_start = len(req.tokens)
         for token, logprob in tokens:
             state = self.detector.step(self.det, token)[0]
-            if not e._commit(req, token, SMALL, logprob, now):
+            if not b.commit(req, token, SMALL, logprob, now):
                 return
-            if not in_small_view and not e._extend(req, SMALL, [token], now):
+            if not in_small_view and not b.extend(req, SMALL, [token], now):
                 return
             self.det = state
         self._set_run(SMALL, _C.RUN_FOREGROUND)
@@ -306,8 +316,8 @@ class SplitFlow(Flow):
 class RandomFlow(Flow):
     """The random-switch baseline: each chunk's writer is drawn from the request's seed."""
 
-    def __init__(self, engine, req, small_ids: list[int], big_ids: list[int], seed: int):
-        super().__init__(engine, req)
+    def __init__(self, ctx, req, small_ids: list[int], big_ids: list[int], seed: int):
+        super().__init__(ctx, req)
         self.small_ids, self.big_ids = small_ids, big_ids
         self.rng = random.Random(seed)
         self.big_probability = 1.0 / (req.params.switch_ratio + 1.0)
@@ -326,18 +336,18 @@ class RandomFlow(Flow):
         return [self.small_ids, self.big_ids], runs
 
     def on_token(self, model, token, word, logprob, now):
-        e, req = self.engine, self.req
+        b, req = self.book, self.req
         if self.awaiting_first_big:
             self.awaiting_first_big = False
             req.metrics.handoff_latencies.append(now - self.switch_time)
             self._time("big", now)
-        if not e._commit(req, token, model, logprob, now, stop=bool(word & STOP)) or not e._extend(req, model, [token], now):
+        if not b.commit(req, token, model, logprob, now, stop=bool(word & STOP)) or not b.extend(req, model, [token], now):
             return
         self.synced[model] = len(req.tokens)
         other = 1 - model
         missing = req.tokens[self.synced[other]:]
-        if e.catch_up == "eager" and len(missing) >= EAGER_SYNC_EVERY:
-            if not e._extend(req, other, missing, now):
+        if self.ctx.catch_up == "eager" and len(missing) >= EAGER_SYNC_EVERY:
+            if not b.extend(req, other, missing, now):
                 return
             self.synced[other] = len(req.tokens)
             req.metrics.catch_up_tokens[other] += len(missing)
@@ -347,9 +357,9 @@ class RandomFlow(Flow):
                 self._switch(writer, now)
 
     def _switch(self, writer: int, now: float) -> None:
-        e, req = self.engine, self.req
+        b, req = self.book, self.req
         missing = req.tokens[self.synced[writer]:]
-        if not e._extend(req, writer, missing, now):
+        if not b.extend(req, writer, missing, now):
             return
         req.metrics.catch_up_tokens[writer] += len(missing)
         self.synced[writer] = len(req.tokens)
@@ -359,6 +369,7 @@ class RandomFlow(Flow):
         self.writer = writer
         if writer == BIG:
             req.metrics.handoffs += 1
+            req.big_wanted_since = now
             self.awaiting_first_big, self.switch_time = True, now
             self._time("catch_up", now)
         else:

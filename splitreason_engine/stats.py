@@ -1,7 +1,9 @@
-"""Engine-wide SplitReason figures: per-request metrics summed as requests finish, plus the time
-each model's forward passes took."""
+"""Engine-wide SplitReason figures: per-request metrics summed as requests finish, plus what each
+model's forward steps took and how the co-scheduling policy ran them."""
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .outputs import RequestMetrics
 
@@ -19,6 +21,17 @@ class EngineStats:
     handoff_latencies: list[float] = field(default_factory=list)
     offloaded_time: float = 0.0  # catch-up plus big-segment wall time, summed over requests
     model_time: list[float] = field(default_factory=lambda: [0.0, 0.0])  # forward + sampling seconds
+    steps: list[int] = field(default_factory=lambda: [0, 0])  # engine steps in which each model ran
+    rows: list[int] = field(default_factory=lambda: [0, 0])  # sequences those steps carried, summed
+    held_steps: int = 0  # steps in which the policy held the big model back while rows waited for it
+    big_waits: list[float] = field(default_factory=list)  # per handoff: tag sampled -> the big model runs for it
+    policy: dict = field(default_factory=dict)  # the co-scheduling policy and its parameters
+    jit_counter: Callable[[], int] = lambda: 0  # Triton kernel variants compiled so far (the engine sets it)
+    jit_compiles_at_startup: int = 0  # ... when start-up ended
+
+    def count_step(self, model: int, rows: int) -> None:
+        self.steps[model] += 1
+        self.rows[model] += rows
 
     def add(self, m: RequestMetrics) -> None:
         self.requests += 1
@@ -30,6 +43,7 @@ class EngineStats:
             self.catch_up_tokens[i] += m.catch_up_tokens[i]
             self.tokens_processed[i] += m.tokens_processed[i]
         self.handoff_latencies += m.handoff_latencies
+        self.big_waits += m.big_waits
         self.offloaded_time += m.catch_up_time + m.big_time
 
     @property
@@ -37,9 +51,13 @@ class EngineStats:
         total = self.small_tokens + self.big_tokens
         return self.big_tokens / total if total else 0.0
 
+    @property
+    def jit_compiles_after_startup(self) -> int:
+        return self.jit_counter() - self.jit_compiles_at_startup
+
     def summary(self) -> dict:
         """Plain numbers, for JSON and for `splitreason generate --stats`."""
-        lat = sorted(self.handoff_latencies)
+        lat, waits = sorted(self.handoff_latencies), sorted(self.big_waits)
         return {
             "requests": self.requests,
             "small_tokens": self.small_tokens,
@@ -56,4 +74,21 @@ class EngineStats:
             "latency_per_offloaded_token_s": self.offloaded_time / self.big_tokens if self.big_tokens else None,
             "small_model_time_s": self.model_time[0],
             "big_model_time_s": self.model_time[1] if self.num_models > 1 else None,
+            "coschedule": self.policy,
+            "steps_small": self.steps[0],
+            "steps_big": self.steps[1] if self.num_models > 1 else None,
+            "mean_rows_per_big_step": self.rows[1] / self.steps[1] if self.steps[1] else None,
+            "held_steps": self.held_steps,
+            "big_wait_p50_s": _quantile(waits, 0.5),
+            "big_wait_p99_s": _quantile(waits, 0.99),
+            "big_wait_max_s": waits[-1] if waits else None,
+            "jit_compiles_total": self.jit_counter(),
+            "jit_compiles_after_startup": self.jit_compiles_after_startup,
         }
+
+
+def _quantile(sorted_values: list[float], q: float) -> "float | None":
+    """The nearest-rank quantile (None when empty)."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]

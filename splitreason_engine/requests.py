@@ -1,0 +1,127 @@
+"""The live requests and what happens to their outputs: commit a token, extend a view, finish.
+
+The engine loop and the protocol flows both change requests; they do it through a RequestBook,
+so the flows need neither the Engine nor its private methods.
+"""
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .outputs import RequestMetrics, RequestOutput
+from .sampling import SamplingParams
+from .stats import EngineStats
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from .protocol import Flow
+
+BIG = 1
+
+
+@dataclass
+class Request:
+    id: int
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    stop_ids: frozenset
+    flow: "Flow | None" = None
+    tokens: list[int] = field(default_factory=list)
+    token_models: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # streamed text so far (only kept when streaming or matching stop strings)
+    detokenizer: "IncrementalDetokenizer | None" = None
+    finish_reason: "str | None" = None
+    stopped_by_string: bool = False
+    stop_reason: "str | int | None" = None  # the stop string matched, or the stop token id sampled
+    output: "RequestOutput | None" = None  # filled in when the request finishes
+    sent_tokens: int = 0  # how much a stream has already yielded
+    sent_text: int = 0
+    big_wanted_since: "float | None" = None  # a handoff is waiting for the big model's first run
+
+    @property
+    def holdback(self) -> int:
+        """Trailing characters that could still start a stop string."""
+        return max((len(s) for s in self.params.stop), default=1) - 1
+
+
+class RequestBook:
+    """Every unfinished request by id, and the three ways a request's state moves on."""
+
+    def __init__(self, scheduler, tokenizer: "Tokenizer | None", max_model_len: int, num_models: int,
+                 stats: EngineStats):
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        self.max_model_len, self.num_models, self.stats = max_model_len, num_models, stats
+        self.live: dict[int, Request] = {}
+
+    def commit(self, req: Request, token: int, model: int, logprob, now: float, stop: "bool | None" = None) -> bool:
+        """Adds one token to the request's output; False once the request has finished. `stop`: the
+        sampler's verdict on whether the token is one of the request's stop ids (None: look it up)."""
+        req.tokens.append(token)
+        req.token_models.append(model)
+        if model == BIG:
+            req.metrics.big_tokens += 1
+        else:
+            req.metrics.small_tokens += 1
+        if req.params.logprobs:
+            req.logprobs.append(logprob)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        reason = None
+        if (token in req.stop_ids) if stop is None else stop:
+            reason, req.stop_reason = "stop", token
+        elif len(req.tokens) >= req.params.max_tokens:
+            reason = "length"
+        if req.detokenizer is not None:
+            delta = req.detokenizer.step(req.tokens)
+            req.text += delta
+            hit = _find_stop(req, len(delta)) if req.params.stop else None
+            if hit is not None:
+                cut, req.stop_reason = hit
+                req.text, req.stopped_by_string, reason = req.text[:cut], True, "stop"
+        if reason is not None:
+            self.end(req, reason, now)
+        return reason is None
+
+    def extend(self, req: Request, model: int, tokens: list[int], now: float) -> bool:
+        """Appends tokens to one of the request's views; a view that reaches max_model_len ends
+        the request ("length"). False once the request has finished."""
+        if not tokens:
+            return True
+        if self.scheduler.view_size(req.id, model) + len(tokens) >= self.max_model_len:
+            self.end(req, "length", now)
+            return False
+        self.scheduler.append(req.id, model, tokens)
+        return True
+
+    def end(self, req: Request, reason: str, now: float) -> None:
+        """Finishes a request: final text, metrics, pages back to the pool."""
+        m = req.metrics
+        for model in range(self.num_models):
+            m.peak_pages[model], m.tokens_processed[model] = self.scheduler.view_stats(req.id, model)
+        self.scheduler.finish(req.id)
+        req.flow.finish(now)
+        if req.detokenizer is not None and not req.stopped_by_string:
+            req.text = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
+        req.finish_reason = reason
+        m.finished_time = now
+        m.num_generated_tokens = len(req.tokens)
+        self.stats.add(m)
+        del self.live[req.id]
+
+    def mark_big_started(self, request_ids, now: float) -> None:
+        """The big model runs for these requests now: a handoff waiting for it has waited its last."""
+        for rid in request_ids:
+            req = self.live.get(rid)
+            if req is not None and req.big_wanted_since is not None:
+                req.metrics.big_waits.append(now - req.big_wanted_since)
+                req.big_wanted_since = None
+
+
+def _find_stop(req: Request, delta_len: int) -> "tuple[int, str] | None":
+    """(where it starts, which) of the earliest stop string that ends in the new text, if any."""
+    start = max(0, len(req.text) - delta_len - req.holdback)
+    hits = [(i, s) for s, i in ((s, req.text.find(s, start)) for s in req.params.stop) if i >= 0]
+    return min(hits) if hits else None
+
