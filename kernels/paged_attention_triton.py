@@ -340,12 +340,17 @@ def _extend_kernel(
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _extend_blocks(q: torch.Tensor, block_d: int) -> tuple[int, int]:
+def extend_blocks(dtype: torch.dtype, block_d: int, device_type: str) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): 64x64 tiles on GPU, 32x32 past D=128 or for fp32 (IEEE dots need about
-    4x the shared memory); small tiles in the CPU interpreter, which simulates every tile."""
-    if q.device.type != "cuda":
+    4x the shared memory); small tiles in the CPU interpreter, which simulates every tile. One
+    value per model (dtype, head dim) and device: never chosen from a step's shape."""
+    if device_type != "cuda":
         return 16, 16
-    return (64, 64) if block_d <= 128 and q.element_size() <= 2 else (32, 32)
+    return (64, 64) if block_d <= 128 and dtype.itemsize <= 2 else (32, 32)
+
+
+def _extend_blocks(q: torch.Tensor, block_d: int) -> tuple[int, int]:
+    return extend_blocks(q.dtype, block_d, q.device.type)
 
 
 def paged_extend_attention(

@@ -1,0 +1,274 @@
+"""The start-up warm-up reaches every Triton kernel variant that serving reaches (on the CPU).
+
+Triton compiles a kernel once per specialization key. Here every launch of the project's kernels
+is intercepted and its key computed by Triton's own binder (triton.runtime.jit's
+create_function_from_signature, the code JITFunction.run uses, with the installed Triton's
+specialization: constexprs, dtypes, integers equal to 1 or multiples of 16, 16-byte aligned
+pointers, do_not_specialize honoured), without compiling or running anything. The ops still
+compute: each op runs the Triton wrapper (which builds the real launch arguments, outputs
+included) and fills the wrapper's outputs with the PyTorch reference's results, so the engine
+serves real tokens at PyTorch speed.
+
+The CUDA-only choices are made as on CUDA: the runner's staging layout, decode_splits from an SM
+count, the GPU's extend tiles. A real workload (split, random, big and small modes; batches of 1
+to 64; prompts of many lengths; chunked prefill and eager catch-up; decode steps from the static
+padded graph buffers and eagerly; every sampling option and stop-id widths up to 40) must launch
+no key the warm-up did not.
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_models import save_pair
+from splitreason_engine import Engine, SamplingParams
+from splitreason_engine import runner as runner_module
+from splitreason_engine.decode_graphs import DecodeGraphs
+from splitreason_engine.kernels.ops import TORCH_OPS, Ops
+from splitreason_engine.warmup import WarmupReport, warm_up_kernels, warmup_steps
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import BaseBackend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from splitreason_engine.kernels import (activation_triton, norms_triton, paged_attention_triton,  # noqa: E402
+                                        rope_triton, sample_triton)
+
+KERNEL_MODULES = (activation_triton, norms_triton, paged_attention_triton, rope_triton, sample_triton)
+LAUNCHED = {"_silu_and_mul_kernel", "_rms_norm_kernel", "_add_rms_norm_kernel", "_decode_split_kernel",
+            "_decode_reduce_kernel", "_extend_kernel", "_rope_store_kv_kernel", "_sample_detect_kernel"}
+FAKE_SMS = 8  # decode_splits as on a GPU of 8 SMs: max_splits from 16 (batch 1) down to 1
+
+
+class KeyRecorder:
+    """Stands in for every launched kernel: records (kernel, Triton cache key) and launches nothing."""
+
+    def __init__(self):
+        self.phase = "warmup"
+        self.keys: dict[str, set] = defaultdict(set)
+        self.launches: dict[str, int] = defaultdict(int)
+
+    def install(self, monkeypatch) -> None:
+        found = set()
+        for module in KERNEL_MODULES:
+            for name, obj in list(vars(module).items()):
+                if not name.endswith("_kernel") or not hasattr(obj, "fn"):
+                    continue
+                found.add(name)
+                monkeypatch.setattr(module, name, _Recording(name, obj, self))
+        assert found == LAUNCHED, f"kernels changed: {sorted(found)}; update LAUNCHED"
+
+
+class _Recording:
+    def __init__(self, name: str, kernel, recorder: KeyRecorder):
+        # The interpreter's InterpretedFunction keeps the jit options: the same JITFunction Triton
+        # builds on a GPU (same do_not_specialize) gives the binder.
+        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+        self.binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+        self.name, self.recorder = name, recorder
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _, specialization, options = self.binder(*args, **kwargs)
+            # JITFunction.run's cache key (compute_cache_key), less the flags it adds for every launch.
+            key = str(specialization) + str(options)
+            self.recorder.keys[self.name].add((self.recorder.phase, key))
+            self.recorder.launches[self.recorder.phase] += 1
+        return launch
+
+    def seen(self, phase: str) -> set:
+        return {key for p, key in self.recorder.keys[self.name] if p == phase}
+
+
+def hybrid_ops() -> Ops:
+    """The Triton op set's wrappers (launch arguments and outputs exactly as serving builds them)
+    with the references' values written into their outputs."""
+    from splitreason_engine.kernels.ops import triton_ops
+
+    tr, ref = triton_ops(), TORCH_OPS
+
+    def rms_norm(x, weight, eps, out=None):
+        return tr.rms_norm(x, weight, eps, out=out).copy_(ref.rms_norm(x, weight, eps))
+
+    def add_rms_norm(x, residual, weight, eps, out=None):
+        expected, new_residual = ref.add_rms_norm(x, residual, weight, eps)
+        normed, res = tr.add_rms_norm(x, residual, weight, eps, out=out)
+        return normed.copy_(expected), res.copy_(new_residual)
+
+    def rope_store_kv(qk, v, rope, k_cache, v_cache, slot_mapping):
+        q_ref, k_ref = ref.rope_store_kv(qk, v, rope, k_cache, v_cache, slot_mapping)
+        q, k = tr.rope_store_kv(qk, v, rope, k_cache, v_cache, slot_mapping)
+        q.copy_(q_ref)
+        k.copy_(k_ref)
+        return q, k
+
+    def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_splits=None, out=None):
+        got = tr.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_splits=max_splits, out=out)
+        return got.copy_(ref.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale))
+
+    def extend_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
+        got = tr.extend_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len)
+        return got.copy_(ref.extend_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                              max_query_len))
+
+    def silu_and_mul(gate_up, out=None):
+        return tr.silu_and_mul(gate_up, out=out).copy_(ref.silu_and_mul(gate_up))
+
+    def sample_and_detect(*args, **kwargs):
+        got = tr.sample_and_detect(*args, **kwargs)
+        for g, r in zip(got, ref.sample_and_detect(*args, **kwargs)):
+            g.copy_(r)
+        return got
+
+    return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, decode_attention, extend_attention, silu_and_mul,
+               sample_and_detect)
+
+
+def cuda_like(monkeypatch) -> None:
+    """The wrappers' and the runner's CUDA-only choices, on the CPU."""
+    pa = paged_attention_triton
+    monkeypatch.setattr(pa, "decode_splits", lambda batch, kv_heads, device: pa.splits_for(batch, kv_heads, FAKE_SMS))
+    monkeypatch.setattr(pa, "_extend_blocks", lambda q, block_d: pa.extend_blocks(q.dtype, block_d, "cuda"))
+    monkeypatch.setattr(runner_module, "stages", lambda device: True)
+
+
+def use_ops(engine: Engine, ops: Ops) -> None:
+    """Puts `ops` in every module of every model, and in the engine (its sampler)."""
+    engine.ops = ops
+    for model in engine.models:
+        for module in model.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+
+
+def static_graphs(engine: Engine, max_batch: int) -> None:
+    """Decode-only steps up to max_batch run through the graphs' static padded buffers (eagerly)."""
+    for runner, model in zip(engine.runners, engine.models):
+        runner.graphs = DecodeGraphs(model, runner.kv_caches, max_batch, runner.stride, engine.device, capture=False)
+
+
+def warm_up(engine: Engine, max_num_seqs: int, max_num_batched_tokens: int) -> list[WarmupReport]:
+    return [warm_up_kernels(model, engine.pool.kv_caches[i], engine.ops, engine.device, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=engine.max_model_len,
+                            real_vocab=engine.real_vocab[i], detect_tables=engine.detect_tables,
+                            block_table_width=engine.runners[i].stride, name=f"model {i}")
+            for i, model in enumerate(engine.models)]
+
+
+QUESTIONS = ["2+2?", "Name a prime.", "x", "Why is the sky blue? Think step by step, then answer briefly.",
+             "Sum 17 and 25", "a b c d e f g h i j k l m n o p", "Is 91 prime?", "Count to five",
+             "What is the capital of France, and why is it that city rather than another one?"]
+
+
+def workload(engine: Engine, ids: dict[str, int]) -> list:
+    """Waves of 1 to 64 requests over the four modes, many prompt lengths and every sampling option."""
+    vocab = min(engine.real_vocab)
+    tags = {ids["<bigmodel>"]: 3.0, ids["</bigmodel>"]: 2.5, ids["<"]: 1.0}
+    kinds = [dict(temperature=0), dict(temperature=0.9), dict(temperature=0.8, top_k=7),
+             dict(temperature=0.8, top_p=0.85), dict(temperature=1.1, top_k=30, top_p=0.7, logprobs=True)]
+    outs = []
+    for wave, size in enumerate((1, 2, 3, 5, 8, 13, 17, 31, 64)):
+        prompts, params = [], []
+        for i in range(size):
+            # The templated split / random prompts are long (a character-level template): a few per wave.
+            mode = ("split", "random", "small", "big")[(wave + i) % 4] if i < 4 else ("small", "big")[i % 2]
+            stop_width = (0, 1, 2, 5, 17, 40)[(wave * 7 + i) % 6]
+            p = SamplingParams(max_tokens=4 + (wave * 5 + i * 3) % 21, mode=mode, seed=wave * 100 + i,
+                               stop_token_ids=[vocab - 1 - k for k in range(stop_width)],
+                               logit_bias=tags if mode == "split" else {}, switch_ratio=1.0, switch_chunk=3,
+                               max_offload_tokens=6, **kinds[(wave + 2 * i) % len(kinds)])
+            if mode in ("split", "random"):
+                prompts.append(QUESTIONS[(wave + i) % len(QUESTIONS)])
+            else:
+                length = 1 + (wave * 37 + i * 11) % 150
+                prompts.append([(7 * k + i) % vocab for k in range(length)])
+            params.append(p)
+        outs += engine.generate(prompts, params, use_tqdm=False)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("pair"), special_tags=True)
+
+
+def test_warmup_covers_every_variant_serving_launches(pair, monkeypatch):
+    from tokenizers import Tokenizer
+
+    cuda_like(monkeypatch)
+    recorder = KeyRecorder()
+    recorder.install(monkeypatch)
+    seqs, tokens = 64, 96
+    engine = Engine(*pair, kernels="torch", kv_cache_bytes=1 << 24, max_model_len=384, page_tokens=7,
+                    max_num_seqs=seqs, max_num_batched_tokens=tokens, catch_up="eager", progress=False)
+    use_ops(engine, hybrid_ops())
+
+    reports = warm_up(engine, seqs, tokens)
+    assert all(r.steps >= 10 and r.samples >= 5 and r.compiled == 0 for r in reports), reports
+    assert engine.scheduler.num_free_pages == engine.pool.num_pages
+    warm = {name: {k for p, k in keys if p == "warmup"} for name, keys in recorder.keys.items()}
+    assert set(warm) == LAUNCHED, f"the warm-up launched {sorted(warm)}"
+
+    recorder.phase = "serve"
+    static_graphs(engine, max_batch=16)
+    tok = Tokenizer.from_file(str(Path(pair[0]) / "tokenizer.json"))
+    ids = {name: tok.token_to_id(name) for name in ("<bigmodel>", "</bigmodel>", "<")}
+    outs = workload(engine, ids)
+    assert all(o.error is None for o in outs)
+    assert sum(o.metrics.handoffs for o in outs) > 0 and any(o.metrics.big_tokens for o in outs)
+    assert recorder.launches["serve"] > 5 * recorder.launches["warmup"]
+
+    served = {name: {k for p, k in keys if p == "serve"} for name, keys in recorder.keys.items()}
+    missing = {name: sorted(keys - warm.get(name, set())) for name, keys in served.items() if keys - warm.get(name, set())}
+    assert not missing, "variants launched while serving that the warm-up never launched:\n" + json.dumps(
+        missing, indent=1)[:6000]
+    # One variant per kernel and model (the sampler's differ by vocabulary; extend's q is aligned here).
+    for name, keys in served.items():
+        assert len(keys) <= len(engine.models), f"{name}: {len(keys)} variants while serving: {sorted(keys)}"
+
+
+def test_specialization_classes_are_tracked(monkeypatch):
+    """The recorder's keys do follow Triton's specialization: a specialized integer's classes
+    (1, multiple of 16, other) and a pointer's alignment give different keys, a do_not_specialize
+    argument does not."""
+    recorder = KeyRecorder()
+    recorder.install(monkeypatch)
+    rec = paged_attention_triton._decode_reduce_kernel
+    part = torch.zeros(64)
+    for stride_ob, max_splits in [(1, 3), (32, 3), (5, 3), (5, 1), (5, 16), (5, 17)]:
+        rec[(1,)](part, part, part, stride_ob, 1, 1, max_splits, HEAD_DIM=4, BLOCK_S=16, BLOCK_D=16)
+    rec[(1,)](part, part, part[1:], 5, 1, 1, 3, HEAD_DIM=4, BLOCK_S=16, BLOCK_D=16)  # unaligned out
+    rec[(1,)](part[1:], part, part, 5, 1, 1, 3, HEAD_DIM=4, BLOCK_S=16, BLOCK_D=16)  # unaligned workspace
+    assert len(rec.seen("warmup")) == 5  # stride_ob 1 / 32 / 5, then the two pointers; max_splits never
+
+
+def test_warmup_steps_fit_any_limits():
+    for page_tokens, seqs, tokens, model_len in [(16, 256, 2048, 4096), (7, 1, 1, 2), (5, 3, 4, 9), (1, 2, 64, 64)]:
+        steps = warmup_steps(page_tokens, seqs, tokens, model_len)
+        assert steps
+        for s in steps:
+            n_seqs = len(s.decode_lens) + len(s.chunks)
+            assert 1 <= n_seqs <= seqs
+            assert len(s.decode_lens) + sum(c for c, _ in s.chunks) <= min(tokens, 64)
+            assert all(1 <= c <= model_len for c in s.decode_lens)
+            assert all(c >= 1 and c + p <= model_len for c, p in s.chunks)
+        assert any(not s.chunks for s in steps)  # decode-only
+        if tokens >= 2 and seqs >= 2 and model_len >= 2:
+            assert any(s.chunks and not s.decode_lens for s in steps)  # extend-only: q aligned
+            assert any(s.chunks and len(s.decode_lens) == 1 for s in steps)  # q after one decode row
+
+
+def test_warmup_writes_nothing_into_the_pool(tmp_path):
+    """On the PyTorch ops (the same steps), the arena is bit for bit what it was."""
+    small, _ = save_pair(tmp_path, special_tags=True)
+    engine = Engine(small, kv_cache_bytes=1 << 20, max_model_len=128, page_tokens=5, max_num_seqs=20,
+                    max_num_batched_tokens=40, progress=False)
+    engine.pool.arena.normal_()
+    before = engine.pool.arena.clone()
+    (report,) = warm_up(engine, 20, 40)
+    assert report.steps > 10 and report.compiled == 0
+    assert torch.equal(engine.pool.arena, before)
