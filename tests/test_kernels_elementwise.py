@@ -46,8 +46,12 @@ def _tol_close(dtype: torch.dtype, seed: int, fp16_tol: float) -> Close:
 
 
 def _rel_close(seed: int, limit: float = 1e-2) -> Close:
-    """Max error relative to the reference's largest magnitude, for bf16 results."""
+    """Max error relative to the reference's largest magnitude, for bf16 results. Empty tensors
+    (nothing to compare) must be empty on both sides."""
     def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        assert actual.shape == expected.shape, f"{what}, seed {seed}: shape {actual.shape} != {expected.shape}"
+        if expected.numel() == 0:
+            return
         err = ((actual.float() - expected).abs().max() / expected.abs().max()).item()
         assert err <= limit, f"{what}, seed {seed}: relative error {err:.3g} > {limit}"
     return close
@@ -73,13 +77,16 @@ def _check_rope_store_kv(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype, 
     positions = torch.randint(0, MAX_POSITIONS, (n,), generator=g).to(device)
     rope = rope_cos_sin(d, MAX_POSITIONS, 1e6, dtype, device)[positions]
 
-    # Distinct slots over a shuffled page order; a `pad` fraction (at least one when n > 1) is padding.
+    # Distinct slots over a shuffled page order; a `pad` fraction (at least one when n > 1) is padding,
+    # and, unless pad is 1, the last token is written (so n = 1 still checks the store).
     perm = torch.randperm(num_pages, generator=g)
     tokens = torch.randperm(num_pages * page_tokens, generator=g)[:n]
     slots = perm[tokens // page_tokens] * page_tokens + tokens % page_tokens
     padding = torch.rand(n, generator=g) < pad
     if n > 1:
-        padding[0], padding[-1] = True, False
+        padding[0] = True
+    if pad < 1:
+        padding[-1] = False
     slots[padding] = -1
     slots = slots.to(device=device, dtype=slot_dtype)
 
@@ -103,6 +110,7 @@ def _check_rope_store_kv(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype, 
     close(k, expected_k, "k")
     assert torch.equal(qkv[:, (hq + hkv) * d:], qkv_before[:, (hq + hkv) * d:]), f"seed {seed}: v modified"
     assert torch.equal(arena[~written], before[~written]), f"seed {seed}: wrote outside the mapped slots"
+    assert bool(written.any()) == bool((slots >= 0).any()), f"seed {seed}"
     close(arena[written], expected_arena[written], "cache")
 
 
