@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixed_workload import mixed_workload
 from split_models import save_pair
-from splitreason_engine import Engine, SamplingParams
+from splitreason_engine import Engine
 from splitreason_engine import runner as runner_module
 from splitreason_engine.decode_graphs import DecodeGraphs
 from splitreason_engine.kernels.ops import TORCH_OPS, Ops
@@ -159,38 +160,6 @@ def warm_up(engine: Engine, max_num_seqs: int, max_num_batched_tokens: int) -> l
             for i, model in enumerate(engine.models)]
 
 
-QUESTIONS = ["2+2?", "Name a prime.", "x", "Why is the sky blue? Think step by step, then answer briefly.",
-             "Sum 17 and 25", "a b c d e f g h i j k l m n o p", "Is 91 prime?", "Count to five",
-             "What is the capital of France, and why is it that city rather than another one?"]
-
-
-def workload(engine: Engine, ids: dict[str, int]) -> list:
-    """Waves of 1 to 64 requests over the four modes, many prompt lengths and every sampling option."""
-    vocab = min(engine.real_vocab)
-    tags = {ids["<bigmodel>"]: 3.0, ids["</bigmodel>"]: 2.5, ids["<"]: 1.0}
-    kinds = [dict(temperature=0), dict(temperature=0.9), dict(temperature=0.8, top_k=7),
-             dict(temperature=0.8, top_p=0.85), dict(temperature=1.1, top_k=30, top_p=0.7, logprobs=True)]
-    outs = []
-    for wave, size in enumerate((1, 2, 3, 5, 8, 13, 17, 31, 64)):
-        prompts, params = [], []
-        for i in range(size):
-            # The templated split / random prompts are long (a character-level template): a few per wave.
-            mode = ("split", "random", "small", "big")[(wave + i) % 4] if i < 4 else ("small", "big")[i % 2]
-            stop_width = (0, 1, 2, 5, 17, 40)[(wave * 7 + i) % 6]
-            p = SamplingParams(max_tokens=4 + (wave * 5 + i * 3) % 21, mode=mode, seed=wave * 100 + i,
-                               stop_token_ids=[vocab - 1 - k for k in range(stop_width)],
-                               logit_bias=tags if mode == "split" else {}, switch_ratio=1.0, switch_chunk=3,
-                               max_offload_tokens=6, **kinds[(wave + 2 * i) % len(kinds)])
-            if mode in ("split", "random"):
-                prompts.append(QUESTIONS[(wave + i) % len(QUESTIONS)])
-            else:
-                length = 1 + (wave * 37 + i * 11) % 150
-                prompts.append([(7 * k + i) % vocab for k in range(length)])
-            params.append(p)
-        outs += engine.generate(prompts, params, use_tqdm=False)
-    return outs
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return save_pair(tmp_path_factory.mktemp("pair"), special_tags=True)
@@ -216,8 +185,8 @@ def test_warmup_covers_every_variant_serving_launches(pair, monkeypatch):
     recorder.phase = "serve"
     static_graphs(engine, max_batch=16)
     tok = Tokenizer.from_file(str(Path(pair[0]) / "tokenizer.json"))
-    ids = {name: tok.token_to_id(name) for name in ("<bigmodel>", "</bigmodel>", "<")}
-    outs = workload(engine, ids)
+    tags = {tok.token_to_id("<bigmodel>"): 3.0, tok.token_to_id("</bigmodel>"): 2.5, tok.token_to_id("<"): 1.0}
+    outs = mixed_workload(engine, tags)
     assert all(o.error is None for o in outs)
     assert sum(o.metrics.handoffs for o in outs) > 0 and any(o.metrics.big_tokens for o in outs)
     assert recorder.launches["serve"] > 5 * recorder.launches["warmup"]
