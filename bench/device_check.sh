@@ -3,9 +3,11 @@
 # issue allows 8; the rest of a 15-minute device budget is kept for a second run):
 #   1. setup: the card and versions; build the C++ core offline (pip install -e . --no-build-isolation
 #      --no-deps --no-index; if that fails, compile csrc/ directly into an overlay on PYTHONPATH);
-#   2. the GPU tests (pytest -m gpu, on the test files that have GPU tests);
+#   2. the GPU tests (pytest -m gpu, on the test files that have GPU tests; among them
+#      tests/test_gpu_compiles.py: no Triton compile after start-up);
 #   3. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer);
-#   4. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor).
+#   4. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor);
+#   5. bench/mixed_steps.py (mixed prefill + decode steps: wall time vs kernel time, staged vs in-place inputs).
 # Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 330 s); a failed
 # or timed-out step is recorded and the later steps still run. The benchmarks' JSON, each step's
 # status and the pytest summary are merged into bench/results/device_check_<card>.json (the two
@@ -53,8 +55,9 @@ else
 fi
 KERNELS_JSON=$RESULTS/gpu_kernels_$SLUG.json
 DECODE_JSON=$RESULTS/gpu_decode_$SLUG.json
+MIXED_JSON=$RESULTS/mixed_steps_$SLUG.json
 MERGED_JSON=$RESULTS/device_check_$SLUG.json
-rm -f "$KERNELS_JSON" "$DECODE_JSON"  # a stale file must not pass for this run's result
+rm -f "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON"  # a stale file must not pass for this run's result
 
 # Seconds a step may take: its cap, or less so the later steps keep `reserve` seconds of the budget.
 step_timeout() {
@@ -152,17 +155,18 @@ mapfile -t GPU_TESTS < <(grep -lE 'pytest\.mark\.gpu|pytestmark *=.*gpu' tests/t
 # overlay build (so that the overlay's splitreason_engine, with its _C, is the one imported).
 PYTEST_DIR=$ROOT
 [[ -n "${OVERLAY_SITE:-}" ]] && PYTEST_DIR=$RUN
-run_step pytest 120 190 env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE -p no:cacheprovider \
+run_step pytest 140 180 env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE -p no:cacheprovider \
     --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "${GPU_TESTS[@]/#/$ROOT/}"
-run_step gpu_kernels 90 100 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
-run_step gpu_decode 150 5 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
+run_step gpu_kernels 80 110 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
+run_step gpu_decode 150 40 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
+run_step mixed_steps 60 0 "$PY" bench/mixed_steps.py "${SMOKE_FLAG[@]}" --json "$MIXED_JSON"
 
-export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_MERGED=$MERGED_JSON \
+export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_MIXED=$MIXED_JSON DC_MERGED=$MERGED_JSON \
     DC_PYTEST_LOG=$LOGS/pytest.log DC_LOGS=$LOGS DC_SMOKE=$SMOKE DC_START=$START DC_SLUG=$SLUG
 MERGE_PY=$PY
 "$MERGE_PY" -c "pass" 2> /dev/null || MERGE_PY=python3
 if [[ -n "${OUT:-}" ]]; then
-    for f in "$KERNELS_JSON" "$DECODE_JSON"; do [[ -f $f ]] && cp "$f" "$OUT/"; done
+    for f in "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON"; do [[ -f $f ]] && cp "$f" "$OUT/"; done
 fi
 "$MERGE_PY" - <<'EOF'
 """Merges the step statuses, the pytest summary and both benchmarks' JSON; prints the final table."""
@@ -199,13 +203,14 @@ except OSError:
     pass
 counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary or "")}
 
-kernels, decode = load(env["DC_KERNELS"]), load(env["DC_DECODE"])
+kernels, decode, mixed = load(env["DC_KERNELS"]), load(env["DC_DECODE"]), load(env["DC_MIXED"])
 info = kernels or decode or {}
 merged = {
     "card": info.get("card"), "driver": info.get("driver"), "torch": info.get("torch"), "triton": info.get("triton"),
     "cuda": info.get("cuda"), "smoke": env["DC_SMOKE"] == "1", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     "total_s": int(time.time()) - int(env["DC_START"]), "steps": steps,
     "pytest": {"summary": summary, "counts": counts}, "gpu_kernels": kernels, "gpu_decode": decode,
+    "mixed_steps": mixed,
     "targets": (kernels or {}).get("targets", []) + (decode or {}).get("targets", []),
 }
 out = Path(env["DC_MERGED"])
@@ -242,7 +247,16 @@ if decode:
               f"{f(r.get('engine_over_floor'), '.1%'):>7} {f(r.get('engine_over_hf'), '.2f'):>7}"
               + "".join(f"  {who} error: {r[who]['error'][:60]}" for who in ("engine", "hf")
                         if "error" in r.get(who, {})))
-for name, data in (("gpu_kernels", kernels), ("gpu_decode", decode)):
+if mixed:
+    print(f"  {'mixed step (ms)':<26} {'staged':>8} {'in place':>9} {'kernels':>8} {'compiles':>8}   "
+          f"(kernel warm-up {mixed.get('warmup_s', 0):.1f} s)")
+    for r in mixed["cases"]:
+        g = r.get("gpu") or {}
+        k = "-" if g.get("kernels_ms") is None else f"{g['kernels_ms']:.2f}"
+        c = r["staged"]["compiles_while_timed"] + r["in_place"]["compiles_while_timed"]
+        print(f"  {r['case']:<26} {r['staged']['wall_ms_median']:>8.2f} {r['in_place']['wall_ms_median']:>9.2f} "
+              f"{k:>8} {c:>8}")
+for name, data in (("gpu_kernels", kernels), ("gpu_decode", decode), ("mixed_steps", mixed)):
     if data is None:
         print(f"  {name}: no JSON (the step failed or timed out: see its log)")
 print("  targets:")
