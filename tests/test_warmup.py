@@ -25,7 +25,7 @@ import torch
 
 from mixed_workload import mixed_workload
 from split_models import save_pair
-from splitreason_engine import Engine
+from splitreason_engine import Engine, SamplingParams
 from splitreason_engine import runner as runner_module
 from splitreason_engine.decode_graphs import DecodeGraphs
 from splitreason_engine.kernels.ops import TORCH_OPS, Ops
@@ -241,3 +241,72 @@ def test_warmup_writes_nothing_into_the_pool(tmp_path):
     (report,) = warm_up(engine, 20, 40)
     assert report.steps > 10 and report.compiled == 0
     assert torch.equal(engine.pool.arena, before)
+
+
+def test_jit_compiles_sums_the_kernel_caches(monkeypatch):
+    """jit_compiles() sums each kernel's per-device caches (first element of each device entry, as
+    in Triton 3.3 to 3.9), counts a kernel reachable under two names once, and never looks a device
+    up (the caches are defaultdicts that would build a binder, which needs a GPU driver)."""
+    import os
+    import types
+
+    from splitreason_engine import jit
+
+    base = jit.jit_compiles()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert base == 0  # interpreted kernels are not JITFunctions: nothing is compiled
+
+    def no_device(*_):
+        raise AssertionError("looked a device up")
+
+    fake = types.SimpleNamespace(device_caches=defaultdict(no_device))
+    fake.device_caches[0] = ({"k1": object(), "k2": object()}, {}, None, None, None)  # Triton 3.6 / 3.9 layout
+    fake.device_caches[1] = ({"k3": object()}, None, None, None)  # Triton 3.3 layout
+    module = types.ModuleType("kernels.rope_triton")
+    module._one_kernel, module._alias = fake, fake
+    monkeypatch.setitem(__import__("sys").modules, "kernels.rope_triton", module)
+    assert jit.jit_compiles() == base + 3
+    assert sorted(jit.jit_variants()["rope_triton._alias"]) == ["k1", "k2", "k3"]
+
+
+def test_jit_compiles_without_triton():
+    """0, and Triton never imported, where Triton is not installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from splitreason_engine.jit import jit_compiles\n"
+            "assert jit_compiles() == 0\n"
+            "from splitreason_engine.warmup import should_warm_up\n"
+            "import torch; assert not should_warm_up(None, torch.device('cpu'))\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_warmup_covers_both_alignments_of_extend_q(tmp_path, monkeypatch):
+    """A model whose fused qkv row is not a multiple of 16 bytes (3 + 2 heads of 18 fp32 = 360 B):
+    extend's q = qkv[num_decodes:] is then 16-byte aligned or not by num_decodes, two variants
+    of the extend kernel, and the warm-up reaches both."""
+    cuda_like(monkeypatch)
+    recorder = KeyRecorder()
+    recorder.install(monkeypatch)
+    config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=48, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=1, head_dim=18, vocab_size=96,
+                  max_position_embeddings=256, rope_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    seqs, tokens = 16, 32
+    engine = Engine(tmp_path, load_format="dummy", kernels="torch", kv_cache_bytes=1 << 20, max_model_len=200,
+                    page_tokens=5, max_num_seqs=seqs, max_num_batched_tokens=tokens, progress=False)
+    use_ops(engine, hybrid_ops())
+    warm_up(engine, seqs, tokens)
+    recorder.phase = "serve"
+    prompts = [[(3 * k + i) % 90 for k in range(1 + (i * 13) % 70)] for i in range(24)]
+    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=3 + i % 9, ignore_eos=True) for i in range(24)],
+                    use_tqdm=False)
+    extend = recorder.keys["_extend_kernel"]
+    warm, served = {k for p, k in extend if p == "warmup"}, {k for p, k in extend if p == "serve"}
+    assert len(served) == 2 and served <= warm, (sorted(warm), sorted(served))
+    for name, keys in recorder.keys.items():
+        assert {k for p, k in keys if p == "serve"} <= {k for p, k in keys if p == "warmup"}, name
