@@ -310,3 +310,16 @@ def test_warmup_covers_both_alignments_of_extend_q(tmp_path, monkeypatch):
     assert len(served) == 2 and served <= warm, (sorted(warm), sorted(served))
     for name, keys in recorder.keys.items():
         assert {k for p, k in keys if p == "serve"} <= {k for p, k in keys if p == "warmup"}, name
+
+
+def test_do_not_specialize_names_are_parameters():
+    """Triton ignores a do_not_specialize name that is not a parameter: a typo would silently
+    specialize again."""
+    for module in KERNEL_MODULES:
+        for name, obj in vars(module).items():
+            if not name.endswith("_kernel") or not hasattr(obj, "fn"):
+                continue
+            jit = obj if isinstance(obj, JITFunction) else JITFunction(obj.fn, **obj.kwargs)
+            params = {p.name for p in jit.params}
+            names = set(jit.do_not_specialize or ())
+            assert names <= params, f"{name}: {sorted(names - params)} are not parameters"
