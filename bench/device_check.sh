@@ -7,7 +7,11 @@
 #      tests/test_gpu_compiles.py: no Triton compile after start-up);
 #   3. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer);
 #   4. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor);
-#   5. bench/mixed_steps.py (mixed prefill + decode steps: wall time vs kernel time, staged vs in-place inputs).
+#   5. bench/mixed_steps.py (mixed prefill + decode steps: wall time vs kernel time, staged vs in-place inputs);
+#   6. bench/split_batch.py (1.5B + 32B in one engine: small-only, big-only, random and split modes at
+#      batch 1, 16 and 64 under each co-scheduling policy; JIT compiles after start-up).
+# DEVICE_CHECK_STEPS picks steps (default: all of "pytest gpu_kernels gpu_decode mixed_steps split_batch");
+# e.g. DEVICE_CHECK_STEPS="pytest split_batch" for the co-scheduling check alone (about 6 minutes).
 # Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 330 s); a failed
 # or timed-out step is recorded and the later steps still run. The benchmarks' JSON, each step's
 # status and the pytest summary are merged into bench/results/device_check_<card>.json (the two
@@ -30,6 +34,7 @@ if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PY=$VIRTUAL_ENV/bin/python
 else PY=python3; fi
 BUDGET=${DEVICE_CHECK_BUDGET_S:-330}
+STEPS=" ${DEVICE_CHECK_STEPS:-pytest gpu_kernels gpu_decode mixed_steps split_batch} "
 BUILD_MODE=${DEVICE_CHECK_BUILD:-auto}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -56,8 +61,9 @@ fi
 KERNELS_JSON=$RESULTS/gpu_kernels_$SLUG.json
 DECODE_JSON=$RESULTS/gpu_decode_$SLUG.json
 MIXED_JSON=$RESULTS/mixed_steps_$SLUG.json
+SPLIT_JSON=$RESULTS/split_batch_$SLUG.json
 MERGED_JSON=$RESULTS/device_check_$SLUG.json
-rm -f "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON"  # a stale file must not pass for this run's result
+rm -f "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON" "$SPLIT_JSON"  # a stale file must not pass for this run's result
 
 # Seconds a step may take: its cap, or less so the later steps keep `reserve` seconds of the budget.
 step_timeout() {
@@ -74,6 +80,7 @@ record() {  # name rc seconds timeout
 run_step() {  # name cap reserve command...
     local name=$1 cap=$2 reserve=$3 t s rc
     shift 3
+    [[ $STEPS == *" $name "* ]] || { echo "=== $name: not selected (DEVICE_CHECK_STEPS)"; return 0; }
     t=$(step_timeout "$cap" "$reserve")
     echo "=== $name (timeout ${t}s): $*"
     s=$(date +%s)
@@ -160,13 +167,16 @@ run_step pytest 140 180 env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE
 run_step gpu_kernels 80 110 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
 run_step gpu_decode 150 40 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
 run_step mixed_steps 60 0 "$PY" bench/mixed_steps.py "${SMOKE_FLAG[@]}" --json "$MIXED_JSON"
+if [[ $SMOKE == 1 ]]; then SPLIT_ARGS=(--device cpu --batches 1 2 --tokens 32 --hidden 64 --big-layers 2); else SPLIT_ARGS=(); fi
+run_step split_batch 240 0 "$PY" bench/split_batch.py "${SPLIT_ARGS[@]}" --json "$SPLIT_JSON"
 
-export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_MIXED=$MIXED_JSON DC_MERGED=$MERGED_JSON \
+export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_MIXED=$MIXED_JSON DC_SPLIT=$SPLIT_JSON \
+    DC_MERGED=$MERGED_JSON \
     DC_PYTEST_LOG=$LOGS/pytest.log DC_LOGS=$LOGS DC_SMOKE=$SMOKE DC_START=$START DC_SLUG=$SLUG
 MERGE_PY=$PY
 "$MERGE_PY" -c "pass" 2> /dev/null || MERGE_PY=python3
 if [[ -n "${OUT:-}" ]]; then
-    for f in "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON"; do [[ -f $f ]] && cp "$f" "$OUT/"; done
+    for f in "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON" "$SPLIT_JSON"; do [[ -f $f ]] && cp "$f" "$OUT/"; done
 fi
 "$MERGE_PY" - <<'EOF'
 """Merges the step statuses, the pytest summary and both benchmarks' JSON; prints the final table."""
@@ -204,13 +214,14 @@ except OSError:
 counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary or "")}
 
 kernels, decode, mixed = load(env["DC_KERNELS"]), load(env["DC_DECODE"]), load(env["DC_MIXED"])
+split = load(env["DC_SPLIT"])
 info = kernels or decode or {}
 merged = {
     "card": info.get("card"), "driver": info.get("driver"), "torch": info.get("torch"), "triton": info.get("triton"),
     "cuda": info.get("cuda"), "smoke": env["DC_SMOKE"] == "1", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     "total_s": int(time.time()) - int(env["DC_START"]), "steps": steps,
     "pytest": {"summary": summary, "counts": counts}, "gpu_kernels": kernels, "gpu_decode": decode,
-    "mixed_steps": mixed,
+    "mixed_steps": mixed, "split_batch": split,
     "targets": (kernels or {}).get("targets", []) + (decode or {}).get("targets", []),
 }
 out = Path(env["DC_MERGED"])
@@ -256,7 +267,12 @@ if mixed:
         c = r["staged"]["compiles_while_timed"] + r["in_place"]["compiles_while_timed"]
         print(f"  {r['case']:<26} {r['staged']['wall_ms_median']:>8.2f} {r['in_place']['wall_ms_median']:>9.2f} "
               f"{k:>8} {c:>8}")
-for name, data in (("gpu_kernels", kernels), ("gpu_decode", decode), ("mixed_steps", mixed)):
+if split:
+    print(f"  split / big-only ({split['headline_policy']}): "
+          + ", ".join(f"b{b} random {split.get(f'speedup_b{b}') or 0:.2f}x split {split.get(f'speedup_split_b{b}') or 0:.2f}x"
+                      for b in split["config"]["batches"])
+          + f" | JIT compiles after start-up: {split.get('jit_compiles_after_startup')}")
+for name, data in (("gpu_kernels", kernels), ("gpu_decode", decode), ("mixed_steps", mixed), ("split_batch", split)):
     if data is None:
         print(f"  {name}: no JSON (the step failed or timed out: see its log)")
 print("  targets:")

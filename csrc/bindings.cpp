@@ -55,6 +55,7 @@ PYBIND11_MODULE(_C, m) {
       .def("schedule", &Scheduler::schedule, py::arg("held_models") = 0,
            "Plans one step; models whose bit is set in held_models do not run in it")
       .def("ready_rows", &Scheduler::ready_rows, py::arg("model"))
+      .def("ready_requests", &Scheduler::ready_requests, py::arg("model"))
       .def("append", &Scheduler::append, py::arg("id"), py::arg("model"), py::arg("tokens"))
       .def("truncate", &Scheduler::truncate, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
       .def("set_run", &Scheduler::set_run, py::arg("id"), py::arg("model"), py::arg("run"))

@@ -287,14 +287,27 @@ bool Scheduler::finish(int64_t id) {
   return true;
 }
 
+namespace {
+
+bool ready(const View& v) {
+  return v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed;
+}
+
+}  // namespace
+
 int32_t Scheduler::ready_rows(int32_t model) const {
   if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
   int32_t rows = 0;
-  for (const auto& kv : requests_) {
-    const View& v = kv.second->views[model];
-    rows += v.run == Run::kForeground && static_cast<int32_t>(v.tokens.size()) > v.num_computed;
-  }
+  for (const auto& kv : requests_) rows += ready(kv.second->views[model]);
   return rows;
+}
+
+std::vector<int64_t> Scheduler::ready_requests(int32_t model) const {
+  if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
+  std::vector<int64_t> ids;
+  for (const auto& kv : requests_)
+    if (ready(kv.second->views[model])) ids.push_back(kv.first);
+  return ids;
 }
 
 int32_t Scheduler::pages_held(int32_t model) const {

@@ -84,8 +84,9 @@ class Scheduler {
   // (the co-scheduling policy gathers big-model work this way).
   void schedule(uint32_t held_models = 0);
   // Requests (running or waiting) with a foreground view in `model` that has tokens to compute:
-  // the rows that model would run if it ran now.
+  // the rows that model would run if it ran now; ready_requests lists their ids.
   int32_t ready_rows(int32_t model) const;
+  std::vector<int64_t> ready_requests(int32_t model) const;
   // Appends tokens to a view (a sampled token, another model's text, a catch-up chunk).
   void append(int64_t id, int32_t model, const std::vector<int32_t>& tokens);
   // Rollback: keeps the first `num_tokens` tokens of a view and frees KV pages past them.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import demo
 from .demo import evaluate as demo_eval, train as demo_train
+from .coschedule import POLICIES
 from .engine import Engine
 from .kernels.ops import KERNEL_CHOICES
 from .loader import ModelSource
@@ -45,6 +46,14 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="compute ops: the Triton kernels or the PyTorch references (default: auto, Triton on CUDA)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run CUDA decode steps eagerly instead of replaying CUDA graphs")
+    g.add_argument("--coschedule", choices=POLICIES, default="auto",
+                   help="when the big model runs: in every step a row needs it (eager), or gathered for many rows "
+                        "with bounded waiting (gather) (default: auto, chosen from the measured step costs)")
+    g.add_argument("--max-big-wait-ms", type=float,
+                   help="gather: longest a row waits for the big model, in ms (default: 16 big-model steps)")
+    g.add_argument("--max-big-wait-steps", type=int, help="gather: longest a row waits for the big model, in steps")
+    g.add_argument("--step-costs", type=Path, metavar="JSON",
+                   help="calibration file of per-model step costs (default: timed at start-up)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -142,7 +151,10 @@ def engine_from_args(args) -> Engine:
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
                   kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs)
+                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
+                  coschedule=args.coschedule, max_big_wait_steps=args.max_big_wait_steps,
+                  max_big_wait_s=None if args.max_big_wait_ms is None else args.max_big_wait_ms / 1e3,
+                  step_costs=args.step_costs)
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:
@@ -199,6 +211,15 @@ def print_stats(engine: Engine, output) -> None:
             ("peak KV pages small / big", " / ".join(map(str, m.peak_pages[:len(engine.models)]))),
             ("engine: preemptions / big views dropped", f"{engine.scheduler.num_preemptions} / "
                                                         f"{engine.scheduler.num_view_drops}")]
+    st = engine.stats.summary()
+    if len(engine.models) > 1:
+        ms = lambda x: "-" if x is None else f"{1e3 * x:.2f}"  # noqa: E731
+        rows += [("engine: co-scheduling", ", ".join(f"{k} {v}" for k, v in st["coschedule"].items())),
+                 ("engine: steps small / big", f"{st['steps_small']} / {st['steps_big']}"),
+                 ("engine: mean rows per big step", "-" if st["mean_rows_per_big_step"] is None
+                  else f"{st['mean_rows_per_big_step']:.1f}"),
+                 ("engine: wait before big p50 / p99 (ms)", f"{ms(st['big_wait_p50_s'])} / {ms(st['big_wait_p99_s'])}")]
+    rows += [("engine: JIT compiles after start-up", st["jit_compiles_after_startup"])]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}", file=sys.stderr)

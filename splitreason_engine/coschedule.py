@@ -8,17 +8,20 @@ Two policies, chosen per engine:
 - `eager`: the big model runs in every step in which any row needs it (the engine's first
   behaviour; lowest latency per handoff).
 - `gather`: rows that need the big model wait, holding their pages and their place, while the
-  small model has other work; the big model then runs for many rows at once. It runs as soon as
-  `min_rows` rows wait, or the small model has nothing else to do, or the oldest wait reaches
-  the bound (`max_wait_steps` steps or `max_wait_s` seconds, whichever comes first): no request
-  waits longer, so nothing starves.
+  small model has other work; the big model then runs for many rows at once, in rounds that last
+  until the rows waiting at their start are through their segments. A round starts when enough
+  rows wait (`min_share` of the rows with work), or the small model has nothing else to do, or
+  the oldest wait reaches the bound (`max_wait_steps` steps or `max_wait_s` seconds, whichever
+  comes first): no request waits longer, so nothing starves.
 
 `auto` picks from the engine's measured step costs (step_costs.py): `gather` when a big step is
 weight-bound (a step of 2 rows costs under 1.5x a step of one) and dearer than a small step,
-else `eager`. The gather defaults come from the same costs: `min_rows` is where the big step's
-per-row part reaches its fixed part (gathering more saves little), and the wait bound is the time
-of WAIT_BOUND_BIG_STEPS one-row big steps, so a handoff's wait costs at most that many big
-tokens of latency.
+else `eager`. The gather defaults come from the same costs:
+- a round starts once the waiting rows are a share T_big / (T_small + T_big) of the rows with work
+  (step costs at one row each): below it, a step of the small model alone writes more tokens per
+  second ((n - k) / T_small) than a step of both ((n) / (T_small + T_big));
+- the wait bound is the time of WAIT_BOUND_BIG_STEPS one-row big steps, so a handoff's wait costs
+  at most that many big tokens of latency.
 
 A policy changes only when a model runs, never what any request generates: the tokens and which
 model wrote each stay equal to the protocol oracle under every policy.
@@ -38,8 +41,8 @@ class Policy(ABC):
     name: str
 
     @abstractmethod
-    def hold_big(self, ready: list[int], now: float) -> bool:
-        """Whether the big model sits out this step; `ready[m]`: rows model m would run now."""
+    def hold_big(self, sched, now: float) -> bool:
+        """Whether the big model sits out this step; `sched`: the scheduler, asked for ready rows."""
 
     def observe(self, big_ran: bool, now: float) -> None:
         """What the step actually did (a held model runs anyway when nothing else can)."""
@@ -51,39 +54,57 @@ class Policy(ABC):
 class EagerPolicy(Policy):
     name = "eager"
 
-    def hold_big(self, ready, now):
+    def hold_big(self, sched, now):
         return False
 
 
 @dataclass
 class GatherPolicy(Policy):
-    """Holds the big model while the small one has work, until `min_rows` rows wait for it or the
-    oldest has waited `max_wait_steps` steps or `max_wait_s` seconds."""
+    """Holds the big model while the small one has work; then runs it in rounds.
 
-    min_rows: int
+    A round starts when the rows waiting for the big model are `min_share` of the rows with work
+    (waiting or ready for the small model), or the small model has nothing else to do, or the
+    oldest wait reaches `max_wait_steps` steps or `max_wait_s` seconds. Its
+    members are the rows waiting then; it runs the big model every step until no member needs it
+    (a member leaves once it stops needing the big model: its segment, or the rest of one, is
+    done), and rows that come to need it meanwhile ride along. Rows still mid-segment when it
+    ends wait for the next round, their wait counted from there."""
+
+    min_share: float
     max_wait_steps: "int | None" = None
     max_wait_s: "float | None" = None
     name = "gather"
 
     def __post_init__(self):
-        if not isinstance(self.min_rows, int) or self.min_rows < 1:
-            raise ValueError(f"min_rows must be a positive integer, got {self.min_rows!r}")
+        if not isinstance(self.min_share, (int, float)) or not 0 < self.min_share <= 1:
+            raise ValueError(f"min_share must be in (0, 1], got {self.min_share!r}")
         if self.max_wait_steps is None and self.max_wait_s is None:
             raise ValueError("gather needs a wait bound: max_wait_steps or max_wait_s")
         if self.max_wait_steps is not None and (not isinstance(self.max_wait_steps, int) or self.max_wait_steps < 0):
             raise ValueError(f"max_wait_steps must be an integer >= 0, got {self.max_wait_steps!r}")
         if self.max_wait_s is not None and not (isinstance(self.max_wait_s, (int, float)) and self.max_wait_s >= 0):
             raise ValueError(f"max_wait_s must be a number >= 0, got {self.max_wait_s!r}")
+        self._round: set[int] = set()  # request ids the current round runs the big model for
         self._since: "float | None" = None  # when the current run of held steps began
         self._held = 0  # steps held in a row; every waiting row has waited at most this long
 
-    def hold_big(self, ready, now):
-        if ready[BIG] == 0 or ready[SMALL] == 0 or ready[BIG] >= self.min_rows:
+    def hold_big(self, sched, now):
+        waiting = sched.ready_requests(BIG)
+        if self._round:
+            self._round.intersection_update(waiting)  # a member whose segment ended leaves for good
+            if self._round:
+                return False
+        if not waiting:
             return False
         if self._since is None:
             self._since = now
-        return not ((self.max_wait_steps is not None and self._held >= self.max_wait_steps)
-                    or (self.max_wait_s is not None and now - self._since >= self.max_wait_s))
+        small = sched.ready_rows(SMALL)
+        if (small == 0 or len(waiting) >= self.min_share * (len(waiting) + small)
+                or (self.max_wait_steps is not None and self._held >= self.max_wait_steps)
+                or (self.max_wait_s is not None and now - self._since >= self.max_wait_s)):
+            self._round = set(waiting)
+            return False
+        return True
 
     def observe(self, big_ran, now):
         if big_ran:
@@ -92,7 +113,7 @@ class GatherPolicy(Policy):
             self._held += 1
 
     def describe(self):
-        return {"policy": self.name, "min_rows": self.min_rows, "max_wait_steps": self.max_wait_steps,
+        return {"policy": self.name, "min_share": self.min_share, "max_wait_steps": self.max_wait_steps,
                 "max_wait_s": self.max_wait_s}
 
 
@@ -102,7 +123,7 @@ def gathering_pays(costs: StepCosts) -> bool:
     return big(2, 2) < 1.5 * big(1, 1) and big(1, 1) > small(1, 1)
 
 
-def make_policy(name: str, costs: "StepCosts | None", max_rows: int, min_rows: "int | None" = None,
+def make_policy(name: str, costs: "StepCosts | None", min_share: "float | None" = None,
                 max_wait_steps: "int | None" = None, max_wait_s: "float | None" = None) -> Policy:
     """The policy `name` ("auto", "eager", "gather"); `auto` and gather's defaults read `costs`."""
     if name not in POLICIES:
@@ -111,11 +132,11 @@ def make_policy(name: str, costs: "StepCosts | None", max_rows: int, min_rows: "
         name = "gather" if costs is not None and gathering_pays(costs) else "eager"
     if name == "eager":
         return EagerPolicy()
-    big = costs.models[BIG] if costs is not None else None
-    if min_rows is None:
-        min_rows = max_rows if big is None else max(1, round(min(max_rows, big.saturation_rows)))
+    if costs is None and (min_share is None or (max_wait_steps is None and max_wait_s is None)):
+        raise ValueError("coschedule='gather' without step costs needs min_share and max_wait_steps or max_wait_s")
+    if min_share is None:
+        t_small, t_big = costs.models[SMALL](1, 1), costs.models[BIG](1, 1)
+        min_share = t_big / (t_small + t_big)
     if max_wait_steps is None and max_wait_s is None:
-        if big is None:
-            raise ValueError("coschedule='gather' without step costs needs max_wait_steps or max_wait_s")
-        max_wait_s = WAIT_BOUND_BIG_STEPS * big(1, 1)
-    return GatherPolicy(min_rows, max_wait_steps, max_wait_s)
+        max_wait_s = WAIT_BOUND_BIG_STEPS * costs.models[BIG](1, 1)
+    return GatherPolicy(min_share, max_wait_steps, max_wait_s)

@@ -6,6 +6,7 @@ next and tells the scheduler (append, truncate, foreground / background / idle).
 """
 
 import logging
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -17,6 +18,7 @@ from . import _C
 from .config import parse_dtype
 from .coschedule import BIG, POLICIES, make_policy
 from .decode_graphs import DecodeGraphs
+from .jit import jit_compiles
 from .kernels.ops import select_ops
 from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
@@ -29,6 +31,7 @@ from .stats import EngineStats
 from .step_costs import StepCosts, WallClock, measure
 from .tags import TagDetector, Tags, token_bytes
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .warmup import should_warm_up, warm_up_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class Engine:
                  template: "PromptTemplate | None" = None, tags: "Tags | None" = None, catch_up: str = "lazy",
                  kernels: str = "auto", cuda_graphs: "bool | None" = None, coschedule: str = "auto",
                  max_big_wait_steps: "int | None" = None, max_big_wait_s: "float | None" = None,
-                 gather_min_rows: "int | None" = None, step_costs: "str | Path | StepCosts | None" = None,
+                 gather_min_share: "float | None" = None, step_costs: "str | Path | StepCosts | None" = None,
                  clock=None, progress: bool = True):
         try:
             self.device = torch.device(device)
@@ -114,24 +117,6 @@ class Engine:
         logger.info("KV pool: %s", self.pool.describe())
         self.scheduler = _C.Scheduler(self.pool.num_pages, max_num_seqs, max_num_batched_tokens, max_model_len,
                                       [g.page_tokens for g in self.pool.geometries])
-        self.runners = []
-        for i, m in enumerate(self.models):
-            width = self.scheduler.max_pages_per_seq(i)
-            graphs = DecodeGraphs(m, self.pool.kv_caches[i], max_num_seqs, width, self.device) if cuda_graphs else None
-            self.runners.append(ModelRunner(m, self.pool.kv_caches[i], self.scheduler.buffers(i), width, self.device,
-                                            graphs))
-            if graphs is not None:
-                graphs.capture_all(progress)
-        self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
-        self.stats = EngineStats(len(self.models))
-        self.policy, self.step_costs = self._choose_policy(coschedule, step_costs, max_num_seqs,
-                                                           max_num_batched_tokens, gather_min_rows,
-                                                           max_big_wait_steps, max_big_wait_s)
-        self.stats.policy = self.policy.describe()
-        self._generator = torch.Generator().manual_seed(seed)  # noise keys are drawn on the host
-        self.book = RequestBook(self.scheduler, self.tokenizer, max_model_len, len(self.models), self.stats)
-        self._requests = self.book.live
-        self._next_id = 0
         eos = {t for c in configs for t in c.eos_token_ids} | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.eos_token_ids = sorted(eos)
         # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.
@@ -143,9 +128,43 @@ class Engine:
             if big is not None:
                 self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
         self.detect_tables = DetectTables.build(self.detector, self.device)
+
+        self.runners = []
+        for i, m in enumerate(self.models):
+            width = self.scheduler.max_pages_per_seq(i)
+            graphs = DecodeGraphs(m, self.pool.kv_caches[i], max_num_seqs, width, self.device) if cuda_graphs else None
+            self.runners.append(ModelRunner(m, self.pool.kv_caches[i], self.scheduler.buffers(i), width, self.device,
+                                            graphs))
+        self.stats = EngineStats(len(self.models), jit_counter=jit_compiles)
+        self._warm_up(max_num_seqs, max_num_batched_tokens, progress)
+        self.policy, self.step_costs = self._choose_policy(coschedule, step_costs, max_num_seqs,
+                                                           max_num_batched_tokens, gather_min_share,
+                                                           max_big_wait_steps, max_big_wait_s)
+        self.stats.policy = self.policy.describe()
+        self.stats.jit_compiles_at_startup = jit_compiles()
+        self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
+        self._generator = torch.Generator().manual_seed(seed)  # noise keys are drawn on the host
+        self.book = RequestBook(self.scheduler, self.tokenizer, max_model_len, len(self.models), self.stats)
+        self._requests = self.book.live
+        self._next_id = 0
         self.flow_context = FlowContext(self.book, self.tokenizer, self.tags, self.detector, catch_up, len(self.models))
 
     # ---- set-up -------------------------------------------------------------------------------
+
+    def _warm_up(self, max_num_seqs: int, max_num_batched_tokens: int, progress: bool) -> None:
+        """Compiles every kernel variant serving can reach (Triton on CUDA), then captures the decode
+        graphs, so that no step compiles while serving; the time it takes is in stats.warmup_s."""
+        start = time.perf_counter()
+        if should_warm_up(self.ops, self.device):
+            for i, m in enumerate(self.models):
+                warm_up_kernels(m, self.pool.kv_caches[i], self.ops, self.device, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
+                                real_vocab=self.real_vocab[i], detect_tables=self.detect_tables,
+                                block_table_width=self.scheduler.max_pages_per_seq(i), name=("small", "big")[i])
+        for runner in self.runners:
+            if runner.graphs is not None:
+                runner.graphs.capture_all(progress)
+        self.stats.warmup_s = time.perf_counter() - start
 
     @staticmethod
     def _load_tokenizer(folder: Path) -> "Tokenizer | None":
@@ -163,20 +182,27 @@ class Engine:
             raise ValueError(f"the big model's tokenizer ({big_folder / 'tokenizer.json'}) differs from the small "
                              "model's: SplitReason passes token ids between them, so both must use the same tokenizer")
 
-    def _choose_policy(self, name, costs, max_num_seqs, max_num_batched_tokens, min_rows, max_wait_steps,
+    def _choose_policy(self, name, costs, max_num_seqs, max_num_batched_tokens, min_share, max_wait_steps,
                        max_wait_s):
         """The co-scheduling policy; with two models and no calibration file, the step costs it
         reads are timed here, on the models as loaded."""
         if len(self.models) < 2:
-            return make_policy("eager", None, max_num_seqs), costs
-        wanted = name == "auto" or (name == "gather" and min_rows is None) or (
+            return make_policy("eager", None), costs
+        wanted = name == "auto" or (name == "gather" and min_share is None) or (
             name == "gather" and max_wait_steps is None and max_wait_s is None)
         if costs is None and wanted:
             costs = measure(self.runners, min(max_num_seqs, max_num_batched_tokens),
                             min(max_num_batched_tokens, self.max_model_len - 1))
-        policy = make_policy(name, costs, max_num_seqs, min_rows, max_wait_steps, max_wait_s)
+        policy = make_policy(name, costs, min_share, max_wait_steps, max_wait_s)
         logger.info("co-scheduling: %s (step costs: %s)", policy.describe(), costs)
         return policy, costs
+
+    def use_policy(self, coschedule: str, **bounds) -> None:
+        """Switches the co-scheduling policy (`bounds`: make_policy's min_share, max_wait_steps,
+        max_wait_s); a benchmark compares policies on one engine this way."""
+        if len(self.models) > 1:
+            self.policy = make_policy(coschedule, self.step_costs, **bounds)
+            self.stats.policy = self.policy.describe()
 
     def _build_pool(self, configs, page_tokens, kv_cache_bytes, fraction) -> KVPool:
         page_bytes = page_bytes_for(configs, self.dtype, page_tokens)
@@ -315,8 +341,7 @@ class Engine:
     def _plan(self, now: float) -> None:
         """The scheduler plans the step; the co-scheduling policy says whether the big model sits
         it out. A held big model runs after all when nothing else could."""
-        hold = len(self.runners) > 1 and self.policy.hold_big(
-            [self.scheduler.ready_rows(m) for m in range(len(self.runners))], now)
+        hold = len(self.runners) > 1 and self.policy.hold_big(self.scheduler, now)
         self.scheduler.schedule(1 << BIG if hold else 0)
         if hold and not self._counts[:, 0].any():
             hold = False

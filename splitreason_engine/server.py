@@ -82,6 +82,14 @@ class Metrics:
             ("splitreason_requests_rejected_total", "counter", "Requests refused with 503.", self.rejected),
             ("splitreason_handoffs_total", "counter", "Small-to-big handoffs.", stats["handoffs"]),
             ("splitreason_offloaded_tokens_total", "counter", "Tokens written by the big model.", stats["big_tokens"]),
+            ("splitreason_jit_compiles_total", "counter", "Triton kernel variants compiled (start-up included).",
+             stats["jit_compiles_total"]),
+            ("splitreason_jit_compiles_after_startup", "gauge", "Triton kernel variants compiled while serving.",
+             stats["jit_compiles_after_startup"]),
+            ("splitreason_big_held_steps_total", "counter", "Steps in which the policy held the big model back.",
+             stats["held_steps"]),
+            ("splitreason_big_rows_per_step", "gauge", "Mean rows per big-model step.",
+             stats["mean_rows_per_big_step"] or 0),
         ]:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         lines += ["# HELP splitreason_kv_pages_used KV pages held, per model.", "# TYPE splitreason_kv_pages_used gauge"]
@@ -90,6 +98,14 @@ class Metrics:
                   "# TYPE splitreason_generated_tokens_total counter",
                   f'splitreason_generated_tokens_total{{model="small"}} {stats["small_tokens"]}',
                   f'splitreason_generated_tokens_total{{model="big"}} {stats["big_tokens"]}']
+        lines += ["# HELP splitreason_model_steps_total Engine steps in which each model ran.",
+                  "# TYPE splitreason_model_steps_total counter"]
+        lines += [f'splitreason_model_steps_total{{model="{m}"}} {n}' for m, n in
+                  zip(("small", "big"), (stats["steps_small"], stats["steps_big"])) if n is not None]
+        for q in ("p50", "p99"):
+            value = stats[f"big_wait_{q}_s"]
+            lines += [f"# HELP splitreason_big_wait_{q}_seconds Wait before a big segment's first big step, {q}.",
+                      f"# TYPE splitreason_big_wait_{q}_seconds gauge", f"splitreason_big_wait_{q}_seconds {value or 0}"]
         for h in (self.ttft, self.itl, self.e2e):
             lines += h.render()
         return "\n".join(lines) + "\n"

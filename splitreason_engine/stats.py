@@ -28,6 +28,7 @@ class EngineStats:
     policy: dict = field(default_factory=dict)  # the co-scheduling policy and its parameters
     jit_counter: Callable[[], int] = lambda: 0  # Triton kernel variants compiled so far (the engine sets it)
     jit_compiles_at_startup: int = 0  # ... when start-up ended
+    warmup_s: float = 0.0  # start-up time spent compiling kernel variants and capturing decode graphs
 
     def count_step(self, model: int, rows: int) -> None:
         self.steps[model] += 1
@@ -84,6 +85,7 @@ class EngineStats:
             "big_wait_max_s": waits[-1] if waits else None,
             "jit_compiles_total": self.jit_counter(),
             "jit_compiles_after_startup": self.jit_compiles_after_startup,
+            "warmup_s": self.warmup_s,
         }
 
 

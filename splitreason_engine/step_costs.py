@@ -35,12 +35,6 @@ class StepCost:
     def __call__(self, rows: int, tokens: int) -> float:
         return self.base + self.per_row * rows + self.per_token * max(0, tokens - rows)
 
-    @property
-    def saturation_rows(self) -> float:
-        """Rows at which the per-row part of a decode step equals the fixed part: below it a step
-        costs about the same however many rows it carries."""
-        return self.base / self.per_row if self.per_row > 0 else float("inf")
-
 
 @dataclass(frozen=True)
 class StepCosts:

@@ -18,6 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 from hf_models import CONFIGS, save_tiny_qwen2  # noqa: E402
+from split_models import Oracle, save_pair  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,3 +41,23 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One saved Hugging Face checkpoint per config in hf_models.CONFIGS."""
     root = tmp_path_factory.mktemp("hf")
     return {name: save_tiny_qwen2(root / name, name, seed=i) for i, name in enumerate(CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("pair"), special_tags=True)
+
+
+@pytest.fixture(scope="session")
+def oracle(pair):
+    return Oracle(*pair)
+
+
+@pytest.fixture(scope="session")
+def text_pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("text_pair"), special_tags=False)
+
+
+@pytest.fixture(scope="session")
+def text_oracle(text_pair):
+    return Oracle(*text_pair)

@@ -100,10 +100,10 @@ class Driver:
         self.s.set_run(rid, m, run)
         self.live[rid].views[m].run = run
 
-    def schedule(self) -> list[list[Seq]]:
+    def schedule(self, held_models: int = 0) -> list[list[Seq]]:
         """One schedule() call, checked; returns each model's sequences in batch order."""
         lost_before = self.s.num_preemptions + self.s.num_view_drops
-        self.s.schedule()
+        self.s.schedule(held_models)
         counts = self.s.counts().reshape(self.num_models, _C.NUM_COUNT_FIELDS)
         batches = [self._check_batch(m, counts[m]) for m in range(self.num_models)]
         assert sum(len(b) for b in batches) <= self.max_num_seqs * self.num_models
@@ -382,6 +382,28 @@ def test_background_views_use_spare_budget_never_sample_and_never_evict() -> Non
     e.add(1, 0, [1, 2, 3], max_tokens=9)
     small, big = e.schedule()
     assert len(small) == 2 and big == [] and e.s.num_view_drops == 0 and e.s.num_preemptions == 0
+
+
+def test_a_held_model_runs_nothing_and_its_views_keep_their_pages_and_place() -> None:
+    """schedule(held_models): the co-scheduling policy holds the big model for a step; its ready
+    views (foreground or background) wait, keep their KV, and run when it is released."""
+    d = Driver(num_pages=16, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=12, page_tokens=[2, 2])
+    d.add(0, 0, [1, 2, 3], max_tokens=6, others={1: ([4, 5], FG)})
+    d.add(1, 1, [6, 7, 8], max_tokens=6)  # a big-only request, waiting for admission
+    d.add(2, 0, [1, 2], max_tokens=6, others={1: ([3, 4, 5], BG)})
+    assert d.s.ready_rows(1) == 2 and sorted(d.s.ready_requests(1)) == [0, 1]
+    assert d.s.ready_rows(0) == 2 and sorted(d.s.ready_requests(0)) == [0, 2]
+    small, big = d.schedule(held_models=1 << 1)
+    assert {q.request_id for q in small} == {0, 2} and big == []
+    assert d.s.request_pages(0, 1) == [] and d.s.ready_rows(1) == 2
+    assert d.s.num_waiting == 1  # the big-only request is not admitted while its model is held
+    d.append(0, 0, [9])
+    d.append(2, 0, [9])
+    small, big = d.schedule()
+    assert sorted((q.request_id, q.start, q.count) for q in big) == [(0, 0, 2), (1, 0, 3), (2, 0, 3)]
+    assert d.s.ready_rows(1) == 0 and d.s.ready_requests(1) == []
+    with pytest.raises(IndexError):
+        d.s.ready_rows(2)
 
 
 def test_one_model_can_use_the_whole_pool() -> None:

@@ -147,6 +147,34 @@ def test_64_concurrent_streams_of_mixed_modes_each_equal_their_run_alone(server)
     assert [text for text, _ in results] == alone
 
 
+def test_gathering_server_reports_its_coscheduling_and_compiles(pair):
+    """A server that gathers big-model work (--coschedule gather) serves concurrent split and random
+    requests with the tokens each gets alone, and /metrics shows the steps of each model, the held
+    steps, the rows per big step, the waits and the JIT compile count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Server("--small", str(pair[0]), "--big", str(pair[1]), "--kv-cache-bytes", str(1 << 24),
+               "--max-model-len", "512", "--served-model-name", "pair", "--coschedule", "gather",
+               "--max-big-wait-steps", "6")
+    try:
+        bodies = [dict(prompt=f"Question {i}: what is {i} + {i}?", max_tokens=24, temperature=0,
+                       mode=("split", "random")[i % 2], seed=i, switch_chunk=4, switch_ratio=1.0,
+                       logit_bias=SPLIT_BIAS) for i in range(12)]
+        alone = [completion(s, **b)["choices"][0]["text"] for b in bodies]
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(lambda b: completion(s, **b)["choices"][0]["text"], bodies))
+        assert together == alone
+        text = httpx.get(s.url + "/metrics").text
+        assert re.search(r'^splitreason_model_steps_total\{model="big"\} [1-9]', text, re.M)
+        assert s.metric("splitreason_big_held_steps_total") > 0
+        assert s.metric("splitreason_big_rows_per_step") >= 1
+        assert s.metric("splitreason_big_wait_p99_seconds") >= s.metric("splitreason_big_wait_p50_seconds") >= 0
+        assert s.metric("splitreason_jit_compiles_total") == 0  # the CPU runs no Triton kernel
+        assert s.metric("splitreason_jit_compiles_after_startup") == 0
+    finally:
+        s.close()
+
+
 def test_a_client_that_disconnects_gets_its_pages_freed(server):
     total = server.metric("splitreason_kv_pages_free")
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,

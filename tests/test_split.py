@@ -9,75 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from split_models import Oracle, Request, save_pair, write_tokenizer
+from split_models import (PAGE_BYTES, QUESTIONS, Request, check_against_oracle, mixed_requests, params_for,
+                          write_tokenizer)
 from splitreason_engine import Engine, SamplingParams
-
-PAGE_BYTES = 16 * 1024  # 16 tokens of the small model (2 layers x K,V x 4 heads x 16 dims x 4 bytes)
-QUESTIONS = ["What is 2+2?", "Name a prime.", "x", "Why is the sky blue? Think step by step.",
-             "Sum 17 and 25", "a b c d", "Is 91 prime?", "Count to five"]
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return save_pair(tmp_path_factory.mktemp("pair"), special_tags=True)
-
-
-@pytest.fixture(scope="module")
-def oracle(pair):
-    return Oracle(*pair)
-
-
-@pytest.fixture(scope="module")
-def text_pair(tmp_path_factory):
-    return save_pair(tmp_path_factory.mktemp("text_pair"), special_tags=False)
-
-
-@pytest.fixture(scope="module")
-def text_oracle(text_pair):
-    return Oracle(*text_pair)
-
-
-def ids(oracle: Oracle) -> dict[str, int]:
-    return {name: oracle.tok.token_to_id(name) for name in ("<bigmodel>", "</bigmodel>", "<", "<|endoftext|>")}
-
-
-def mixed_requests(oracle: Oracle) -> list[Request]:
-    """Twelve requests over all four modes; split ones with different handoff rates and caps."""
-    t = ids(oracle)
-    no_eos = {t["<|endoftext|>"]: -5.0}
-    split_biases = [(2, 3, 3), (1.5, 3, 3.5), (3, 2, 0), (2, 4, 2), (2.5, 3, 3), (3, 5, 4)]
-    reqs = [Request(QUESTIONS[i], "split", 48, {t["<bigmodel>"]: a, t["</bigmodel>"]: b, t["<"]: c, **no_eos},
-                    max_offload_tokens=(512, 4, 512, 7, 512, 512)[i]) for i, (a, b, c) in enumerate(split_biases)]
-    reqs += [Request(QUESTIONS[6], "random", 40, no_eos, switch_ratio=1.0, switch_chunk=5, seed=3),
-             Request(QUESTIONS[7], "random", 40, no_eos, switch_ratio=0.5, switch_chunk=3, seed=4),
-             Request(QUESTIONS[0], "small", 24, no_eos), Request(QUESTIONS[1], "big", 24, no_eos),
-             Request(QUESTIONS[2], "small", 30), Request(QUESTIONS[3], "big", 30)]
-    return reqs
-
-
-def params_for(r: Request) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=r.max_tokens, logit_bias=r.logit_bias, mode=r.mode,
-                          max_offload_tokens=r.max_offload_tokens, switch_ratio=r.switch_ratio,
-                          switch_chunk=r.switch_chunk, seed=r.seed)
-
-
-def check_against_oracle(engine: Engine, oracle: Oracle, reqs: list[Request]) -> list:
-    outs = engine.generate([r.question for r in reqs], [params_for(r) for r in reqs], use_tqdm=False)
-    for r, out in zip(reqs, outs):
-        tokens, writers = oracle.run(r)
-        assert out.error is None
-        assert out.token_ids == tokens, f"{r.mode} request {r.question!r} differs from the oracle"
-        assert out.token_models == writers
-        m = out.metrics
-        assert m.small_tokens + m.big_tokens == len(tokens) and m.big_tokens == sum(writers)
-        if r.mode == "split":
-            starts = sum(1 for a, b in zip([0] + writers, writers) if (a, b) == (0, 1))
-            assert m.handoffs >= starts and len(m.handoff_latencies) == starts
-            assert all(x >= 0 for x in m.handoff_latencies)
-        if r.mode in ("small", "big"):
-            assert m.handoffs == 0 and set(writers) == {int(r.mode == "big")}
-    assert engine.scheduler.num_free_pages == engine.pool.num_pages
-    return outs
 
 
 @pytest.mark.parametrize("catch_up", ["lazy", "eager"])
