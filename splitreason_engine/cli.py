@@ -52,6 +52,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-big-wait-ms", type=float,
                    help="gather: longest a row waits for the big model, in ms (default: 16 big-model steps)")
     g.add_argument("--max-big-wait-steps", type=int, help="gather: longest a row waits for the big model, in steps")
+    g.add_argument("--gather-min-share", type=float,
+                   help="gather: share of the rows with work that must wait for the big model before it runs "
+                        "(default: T_big / (T_small + T_big) from the step costs)")
     g.add_argument("--step-costs", type=Path, metavar="JSON",
                    help="calibration file of per-model step costs (default: timed at start-up)")
 
@@ -153,6 +156,7 @@ def engine_from_args(args) -> Engine:
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                   seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
                   coschedule=args.coschedule, max_big_wait_steps=args.max_big_wait_steps,
+                  gather_min_share=args.gather_min_share,
                   max_big_wait_s=None if args.max_big_wait_ms is None else args.max_big_wait_ms / 1e3,
                   step_costs=args.step_costs)
 

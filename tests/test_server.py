@@ -155,7 +155,7 @@ def test_gathering_server_reports_its_coscheduling_and_compiles(pair):
 
     s = Server("--small", str(pair[0]), "--big", str(pair[1]), "--kv-cache-bytes", str(1 << 24),
                "--max-model-len", "512", "--served-model-name", "pair", "--coschedule", "gather",
-               "--max-big-wait-steps", "6")
+               "--gather-min-share", "1.0", "--max-big-wait-steps", "6")
     try:
         bodies = [dict(prompt=f"Question {i}: what is {i} + {i}?", max_tokens=24, temperature=0,
                        mode=("split", "random")[i % 2], seed=i, switch_chunk=4, switch_ratio=1.0,
