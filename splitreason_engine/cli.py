@@ -50,7 +50,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="when the big model runs: in every step a row needs it (eager), or gathered for many rows "
                         "with bounded waiting (gather) (default: auto, chosen from the measured step costs)")
     g.add_argument("--max-big-wait-ms", type=float,
-                   help="gather: longest a row waits for the big model, in ms (default: 16 big-model steps)")
+                   help="gather: longest a row waits for the big model, in ms (default: 64 one-row big-model steps)")
     g.add_argument("--max-big-wait-steps", type=int, help="gather: longest a row waits for the big model, in steps")
     g.add_argument("--gather-min-share", type=float,
                    help="gather: share of the rows with work that must wait for the big model before it runs "

@@ -34,7 +34,7 @@ from .step_costs import StepCosts
 
 SMALL, BIG = 0, 1
 POLICIES = ("auto", "eager", "gather")
-WAIT_BOUND_BIG_STEPS = 16  # default wait bound of `gather`, in one-row big-step times
+WAIT_BOUND_BIG_STEPS = 64  # default wait bound of `gather`, in one-row big-step times
 
 
 class Policy(ABC):

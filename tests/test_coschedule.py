@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from split_models import PAGE_BYTES, QUESTIONS, check_against_oracle, mixed_requests, params_for
 from splitreason_engine import Engine, SamplingParams
-from splitreason_engine.coschedule import EagerPolicy, GatherPolicy, gathering_pays, make_policy
+from splitreason_engine.coschedule import WAIT_BOUND_BIG_STEPS, EagerPolicy, GatherPolicy, gathering_pays, make_policy
 from splitreason_engine.step_costs import SimulatedClock, StepCost, StepCosts
 
 H200_COSTS = Path(__file__).parent.parent / "bench" / "costs" / "h200_1.5b_32b.json"
@@ -170,7 +170,7 @@ def test_auto_follows_the_step_costs():
     assert isinstance(policy, GatherPolicy)
     t_small, t_big = 0.002 + 1e-5, 0.0185 + 7e-5
     assert policy.min_share == pytest.approx(t_big / (t_small + t_big))
-    assert policy.max_wait_s == pytest.approx(16 * t_big)
+    assert policy.max_wait_s == pytest.approx(WAIT_BOUND_BIG_STEPS * t_big)
     assert isinstance(make_policy("auto", compute_bound), EagerPolicy)
     assert make_policy("gather", None, min_share=0.5, max_wait_steps=3).describe() == {
         "policy": "gather", "min_share": 0.5, "max_wait_steps": 3, "max_wait_s": None}
@@ -180,7 +180,7 @@ def test_a_calibration_file_chooses_the_policy_without_timing(pair):
     engine = Engine(*pair, kv_cache_bytes=1 << 22, max_model_len=64, progress=False, step_costs=H200_COSTS)
     assert engine.step_costs.source == str(H200_COSTS)
     assert engine.policy.describe()["policy"] == "gather"
-    assert engine.policy.max_wait_s == pytest.approx(16 * engine.step_costs.step(BIG, 1, 1))
+    assert engine.policy.max_wait_s == pytest.approx(WAIT_BOUND_BIG_STEPS * engine.step_costs.step(BIG, 1, 1))
 
 
 def test_bad_coscheduling_settings_are_refused_by_name(pair, tmp_path):
