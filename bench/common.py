@@ -82,3 +82,18 @@ def printable_ascii_bias(engine) -> dict[int, float]:
     tags = set(engine.tags.all)
     printable = lambda p: bool(p) and all(32 <= b < 127 or b == 10 for b in p)  # noqa: E731
     return {i: -100.0 for i, p in enumerate(pieces) if p.decode(errors="replace") not in tags and not printable(p)}
+
+
+def random_seeds(fraction: float, chunks: int, count: int) -> list[int]:
+    """Seeds whose random-mode draws (chunk k is big iff draw k < 1/(switch_ratio+1) = fraction)
+    give the number of big chunks out of `chunks` closest to `fraction`."""
+    import random
+
+    want, seeds = round(fraction * chunks), []
+    for seed in range(1_000_000):
+        rng = random.Random(seed)
+        if sum(rng.random() < fraction for _ in range(chunks)) == want:
+            seeds.append(seed)
+            if len(seeds) == count:
+                return seeds
+    raise RuntimeError(f"no {count} seeds give {want} big chunks of {chunks}")

@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, machine_line, printable_ascii_bias, write_dummy_pair, write_json  # noqa: E402
+from common import machine, machine_line, printable_ascii_bias, random_seeds, write_dummy_pair, write_json  # noqa: E402
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
-from splitreason_engine.coschedule import EagerPolicy, GatherPolicy  # noqa: E402,F401
 from splitreason_engine.step_costs import SimulatedClock, StepCosts  # noqa: E402
 
 QUESTIONS = ["Question %d: what is the sum of the first %d odd numbers? Show the steps." % (i, i + 3)
@@ -95,7 +93,7 @@ class Runner:
         base = dict(mode=mode, max_tokens=tokens, ignore_eos=True, logit_bias=self.text_bias)
         if mode == "random":
             return [SamplingParams(**base, seed=s, switch_ratio=1 / self.args.offload - 1, switch_chunk=16)
-                    for s in random_seeds(self.args.offload, tokens, batch)]
+                    for s in random_seeds(self.args.offload, tokens // 16, batch)]
         if mode == "split":
             bias = {**self.text_bias, self.open_id: self.open_bias, self.close_id: -100.0}
             return [SamplingParams(**{**base, "logit_bias": bias}, seed=i, max_offload_tokens=self.args.segment)
@@ -123,19 +121,6 @@ class Runner:
             best = min(best, (abs(got - self.args.offload), self.open_bias))
             lo, hi = (self.open_bias, hi) if got < self.args.offload else (lo, self.open_bias)
         self.open_bias = best[1]
-
-
-def random_seeds(fraction: float, tokens: int, count: int) -> list[int]:
-    """Seeds whose chunk draws give the number of big chunks closest to `fraction`."""
-    chunks, seeds = tokens // 16, []
-    want = round(fraction * chunks)
-    for seed in range(1_000_000):
-        rng = random.Random(seed)
-        if sum(rng.random() < fraction for _ in range(chunks)) == want:
-            seeds.append(seed)
-            if len(seeds) == count:
-                return seeds
-    raise RuntimeError("no seeds found")
 
 
 def quantile(values: list[float], q: float) -> "float | None":

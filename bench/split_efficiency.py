@@ -22,14 +22,13 @@ and both modes).
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, machine_line, printable_ascii_bias, write_dummy_pair, write_json  # noqa: E402
+from common import machine, machine_line, printable_ascii_bias, random_seeds, write_dummy_pair, write_json  # noqa: E402
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
 
@@ -91,27 +90,13 @@ class Bench:
             lo, hi = (mid, hi) if got < fraction else (lo, mid)
         return best[1]
 
-    def random_seeds(self, fraction: float, count: int) -> list[int]:
-        """Seeds whose chunk draws (engine rule: chunk k is big iff draw k < 1/(ratio+1)) give the
-        number of big chunks closest to `fraction`."""
-        chunks = self.args.tokens // self.args.switch_chunk
-        want = round(fraction * chunks)
-        seeds = []
-        for seed in range(100_000):
-            rng = random.Random(seed)
-            if sum(rng.random() < fraction for _ in range(chunks)) == want:
-                seeds.append(seed)
-                if len(seeds) == count:
-                    return seeds
-        raise RuntimeError("no seeds found")
-
     def run_mode(self, mode: str, batch: int, fraction: float, bias: float) -> tuple[float, list]:
         if mode == "split":
             return self.timed(QUESTIONS[:batch], [self.split_params(bias, i) for i in range(batch)])
         params = [SamplingParams(mode="random", max_tokens=self.args.tokens, ignore_eos=True,
                                  switch_ratio=1 / fraction - 1, switch_chunk=self.args.switch_chunk, seed=s,
                                  logit_bias=self.text_bias)
-                  for s in self.random_seeds(fraction, batch)]
+                  for s in random_seeds(fraction, self.args.tokens // self.args.switch_chunk, batch)]
         return self.timed(QUESTIONS[:batch], params)
 
 

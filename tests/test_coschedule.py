@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from split_models import PAGE_BYTES, QUESTIONS, check_against_oracle, mixed_requests, params_for
+from split_models import PAGE_BYTES, QUESTIONS, check_against_oracle, mixed_requests
 from splitreason_engine import Engine, SamplingParams
 from splitreason_engine.coschedule import WAIT_BOUND_BIG_STEPS, EagerPolicy, GatherPolicy, gathering_pays, make_policy
 from splitreason_engine.step_costs import SimulatedClock, StepCost, StepCosts
