@@ -30,9 +30,9 @@ model wrote each stay equal to the protocol oracle under every policy.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from .requests import BIG, SMALL
 from .step_costs import StepCosts
 
-SMALL, BIG = 0, 1
 POLICIES = ("auto", "eager", "gather")
 WAIT_BOUND_BIG_STEPS = 64  # default wait bound of `gather`, in one-row big-step times
 

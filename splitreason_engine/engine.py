@@ -16,15 +16,15 @@ from tqdm.auto import tqdm
 
 from . import _C
 from .config import parse_dtype
-from .coschedule import BIG, POLICIES, make_policy
+from .coschedule import POLICIES, make_policy
 from .decode_graphs import DecodeGraphs
 from .jit import jit_compiles
 from .kernels.ops import select_ops
 from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
-from .protocol import CATCH_UP_POLICIES, SMALL, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
-from .requests import Request, RequestBook
+from .protocol import CATCH_UP_POLICIES, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
+from .requests import BIG, SMALL, Request, RequestBook
 from .runner import ModelRunner
 from .sampling import DetectTables, SamplingParams, sample_and_detect
 from .stats import EngineStats

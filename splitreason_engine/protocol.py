@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 from . import _C
 from .kernels.sample import CLOSING, STATE_SHIFT, STOP
-from .requests import Request, RequestBook
+from .requests import BIG, SMALL, Request, RequestBook
 from .tags import CLOSE, OPEN, TagDetector, Tags
 from .tokenizer import Tokenizer
 
-SMALL, BIG = 0, 1
 CATCH_UP_POLICIES = ("lazy", "eager")
 EAGER_SYNC_EVERY = 8  # new tokens between background catch-up syncs of the idle view
 

@@ -15,7 +15,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 if TYPE_CHECKING:
     from .protocol import Flow
 
-BIG = 1
+SMALL, BIG = 0, 1  # model indices, everywhere in the engine
 
 
 @dataclass
