@@ -218,7 +218,8 @@ def print_stats(engine: Engine, output) -> None:
     st = engine.stats.summary()
     if len(engine.models) > 1:
         ms = lambda x: "-" if x is None else f"{1e3 * x:.2f}"  # noqa: E731
-        rows += [("engine: co-scheduling", ", ".join(f"{k} {v}" for k, v in st["coschedule"].items())),
+        rows += [("engine: co-scheduling", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in st["coschedule"].items())),
                  ("engine: steps small / big", f"{st['steps_small']} / {st['steps_big']}"),
                  ("engine: mean rows per big step", "-" if st["mean_rows_per_big_step"] is None
                   else f"{st['mean_rows_per_big_step']:.1f}"),
