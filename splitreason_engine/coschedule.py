@@ -94,7 +94,8 @@ class GatherPolicy(Policy):
             self._round.intersection_update(waiting)  # a member whose segment ended leaves for good
             if self._round:
                 return False
-        if not waiting:
+        if not waiting:  # nobody waits (any earlier waiter was aborted): no wait is running
+            self._since, self._held = None, 0
             return False
         if self._since is None:
             self._since = now
