@@ -44,7 +44,7 @@ class Policy(ABC):
     def hold_big(self, sched, now: float) -> bool:
         """Whether the big model sits out this step; `sched`: the scheduler, asked for ready rows."""
 
-    def observe(self, big_ran: bool, now: float) -> None:
+    def observe(self, big_ran: bool) -> None:
         """What the step actually did (a held model runs anyway when nothing else can)."""
 
     def describe(self) -> dict:
@@ -107,7 +107,7 @@ class GatherPolicy(Policy):
             return False
         return True
 
-    def observe(self, big_ran, now):
+    def observe(self, big_ran):
         if big_ran:
             self._since, self._held = None, 0
         elif self._since is not None:

@@ -348,7 +348,7 @@ class Engine:
             self.scheduler.schedule(0)
         if hold:
             self.stats.held_steps += 1
-        self.policy.observe(len(self.runners) > 1 and self._counts[BIG, 0] > 0, now)
+        self.policy.observe(len(self.runners) > 1 and self._counts[BIG, 0] > 0)
 
     # ---- front doors --------------------------------------------------------------------------
 
