@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--small-layers", type=int, default=2)
     p.add_argument("--big-layers", type=int, default=8)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--plot", metavar="PNG", help="split / big-only per batch, mode and policy")
     return p.parse_args()
 
 
@@ -208,6 +209,31 @@ def add_ratios(result: dict, args) -> None:
     result["headline_policy"] = policy
 
 
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = sorted({(r["mode"], r["policy"]) for r in result["rows"] if r["mode"] in ("random", "split")})
+    batches = result["config"]["batches"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(series))
+    for k, (mode, policy) in enumerate(series):
+        values = [next((r["speedup_over_big"] for r in result["rows"]
+                        if (r["mode"], r["policy"], r["batch"]) == (mode, policy, b)), 0) for b in batches]
+        ax.bar([i + width * (k - (len(series) - 1) / 2) for i in range(len(batches))], values, width=width,
+               label=f"{mode}, {policy}")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("tok/s, x big model alone")
+    sim = f" (SIMULATED: step costs of {Path(result['costs_file']).name})" if result["simulated"] else ""
+    ax.set_title(result["pair"] + sim, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     args = parse_args()
     r = run(args)
@@ -240,6 +266,8 @@ def main() -> None:
     if r["jit_compiles_after_startup"] is not None:
         print(f"JIT compiles after start-up: {r['jit_compiles_after_startup']}; start-up {r['startup_s']:.1f} s")
     write_json(args.json, r)
+    if args.plot:
+        plot(r, args.plot)
 
 
 if __name__ == "__main__":
