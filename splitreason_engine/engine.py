@@ -184,13 +184,11 @@ class Engine:
 
     def _choose_policy(self, name, costs, max_num_seqs, max_num_batched_tokens, min_share, max_wait_steps,
                        max_wait_s):
-        """The co-scheduling policy; with two models and no calibration file, the step costs it
-        reads are timed here, on the models as loaded."""
+        """The co-scheduling policy; with two models, a policy other than eager and no calibration
+        file, the step costs it reads are timed here, on the models as loaded."""
         if len(self.models) < 2:
             return make_policy("eager", None), costs
-        wanted = name == "auto" or (name == "gather" and min_share is None) or (
-            name == "gather" and max_wait_steps is None and max_wait_s is None)
-        if costs is None and wanted:
+        if costs is None and name != "eager":
             costs = measure(self.runners, min(max_num_seqs, max_num_batched_tokens),
                             min(max_num_batched_tokens, self.max_model_len - 1))
         policy = make_policy(name, costs, min_share, max_wait_steps, max_wait_s)

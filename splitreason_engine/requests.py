@@ -47,7 +47,7 @@ class Request:
 
 
 class RequestBook:
-    """Every unfinished request by id, and the three ways a request's state moves on."""
+    """Every unfinished request by id, and the ways a request's state moves on."""
 
     def __init__(self, scheduler, tokenizer: "Tokenizer | None", max_model_len: int, num_models: int,
                  stats: EngineStats):
