@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, machine_line, printable_ascii_bias, random_seeds, write_dummy_pair, write_json  # noqa: E402
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
+from splitreason_engine.stats import quantile  # noqa: E402
 from splitreason_engine.step_costs import SimulatedClock, StepCosts  # noqa: E402
 
 QUESTIONS = ["Question %d: what is the sum of the first %d odd numbers? Show the steps." % (i, i + 3)
@@ -88,7 +89,7 @@ class Runner:
         self.open_bias = 0.0
 
     def now(self) -> float:
-        return self.engine.clock.now() if self.engine.clock.simulated else time.perf_counter()
+        return self.engine.clock.now()
 
     def params(self, mode: str, batch: int, tokens: int) -> list[SamplingParams]:
         base = dict(mode=mode, max_tokens=tokens, ignore_eos=True, logit_bias=self.text_bias)
@@ -124,11 +125,6 @@ class Runner:
         self.open_bias = best[1]
 
 
-def quantile(values: list[float], q: float) -> "float | None":
-    values = sorted(values)
-    return values[max(0, -int(-q * len(values)) - 1)] if values else None
-
-
 def measure_row(r: Runner, mode: str, batch: int, policy: str) -> tuple[dict, list]:
     e = r.engine
     e.use_policy(policy, max_wait_s=r.args.max_wait_s)
@@ -138,16 +134,16 @@ def measure_row(r: Runner, mode: str, batch: int, policy: str) -> tuple[dict, li
     rows = [a - b for a, b in zip(e.stats.rows, before[1])]
     m = [o.metrics for o in outs]
     tokens = sum(len(o.token_ids) for o in outs)
-    handoffs = [x for mm in m for x in mm.handoff_latencies]
-    waits = [x for mm in m for x in mm.big_waits]
-    latencies = [mm.latency for mm in m]
+    handoffs = sorted(x for mm in m for x in mm.handoff_latencies)
+    waits = sorted(x for mm in m for x in mm.big_waits)
+    latencies = sorted(mm.latency for mm in m)
     row = {"mode": mode, "batch": batch, "policy": policy, "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
            "small_tokens": sum(mm.small_tokens for mm in m), "big_tokens": sum(mm.big_tokens for mm in m),
            "offload_fraction": sum(mm.big_tokens for mm in m) / tokens, "handoffs": sum(mm.handoffs for mm in m),
            "latency_p50_s": quantile(latencies, 0.5), "latency_p99_s": quantile(latencies, 0.99),
            "handoff_p50_s": quantile(handoffs, 0.5), "handoff_p99_s": quantile(handoffs, 0.99),
            "big_wait_p50_s": quantile(waits, 0.5), "big_wait_p99_s": quantile(waits, 0.99),
-           "big_wait_max_s": max(waits, default=None),
+           "big_wait_max_s": waits[-1] if waits else None,
            "steps_small": steps[0], "steps_big": steps[1], "held_steps": e.stats.held_steps - before[2],
            "mean_rows_per_big_step": rows[1] / steps[1] if steps[1] else None,
            "coschedule": e.policy.describe()}

@@ -80,8 +80,8 @@ class EngineStats:
             "steps_big": self.steps[1] if self.num_models > 1 else None,
             "mean_rows_per_big_step": self.rows[1] / self.steps[1] if self.steps[1] else None,
             "held_steps": self.held_steps,
-            "big_wait_p50_s": _quantile(waits, 0.5),
-            "big_wait_p99_s": _quantile(waits, 0.99),
+            "big_wait_p50_s": quantile(waits, 0.5),
+            "big_wait_p99_s": quantile(waits, 0.99),
             "big_wait_max_s": waits[-1] if waits else None,
             "jit_compiles_total": self.jit_counter(),
             "jit_compiles_after_startup": self.jit_compiles_after_startup,
@@ -89,7 +89,7 @@ class EngineStats:
         }
 
 
-def _quantile(sorted_values: list[float], q: float) -> "float | None":
+def quantile(sorted_values: list[float], q: float) -> "float | None":
     """The nearest-rank quantile (None when empty)."""
     if not sorted_values:
         return None
