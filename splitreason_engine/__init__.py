@@ -2,11 +2,11 @@
 
 import logging
 
-from .engine import Engine
+from .engine import Engine, EngineBroken
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["Engine", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamEvent"]
+__all__ = ["Engine", "EngineBroken", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamEvent"]
 __version__ = "0.1.0"

@@ -24,9 +24,9 @@ from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .protocol import CATCH_UP_POLICIES, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
-from .requests import BIG, SMALL, Request, RequestBook
+from .requests import BIG, MODEL_NAMES, SMALL, Request, RequestBook
 from .runner import ModelRunner
-from .sampling import DetectTables, SamplingParams, sample_and_detect
+from .sampling import DetectTables, SamplingParams, finite_rows, sample_and_detect
 from .stats import EngineStats
 from .step_costs import StepCosts, WallClock, measure
 from .tags import TagDetector, Tags, token_bytes
@@ -34,6 +34,12 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .warmup import should_warm_up, warm_up_kernels
 
 logger = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3  # failed forward passes of one model in a row before the engine gives up
+
+
+class EngineBroken(RuntimeError):
+    """The engine cannot serve any more (steps keep failing); the message says why."""
 
 
 def default_model_path() -> Path:
@@ -147,6 +153,8 @@ class Engine:
         self.book = RequestBook(self.scheduler, self.tokenizer, max_model_len, len(self.models), self.stats)
         self._requests = self.book.live
         self._next_id = 0
+        self.broken: "EngineBroken | None" = None  # set once the engine has given up
+        self._failed_runs = [0] * len(self.models)  # failed forward passes in a row, per model
         self.flow_context = FlowContext(self.book, self.tokenizer, self.tags, self.detector, catch_up, len(self.models))
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -160,7 +168,7 @@ class Engine:
                 warm_up_kernels(m, self.pool.kv_caches[i], self.ops, self.device, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
                                 real_vocab=self.real_vocab[i], detect_tables=self.detect_tables,
-                                block_table_width=self.scheduler.max_pages_per_seq(i), name=("small", "big")[i])
+                                block_table_width=self.scheduler.max_pages_per_seq(i), name=MODEL_NAMES[i])
         for runner in self.runners:
             if runner.graphs is not None:
                 runner.graphs.capture_all(progress)
@@ -303,10 +311,18 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> int:
         """One engine step over every queued request, whoever submitted it; returns how many
-        sequences ran (0: nothing to do). Results accumulate on the requests themselves."""
+        sequences ran (0: nothing to do). Results accumulate on the requests themselves.
+
+        Faults stay with the requests they belong to: a row with non-finite logits, or a flow or
+        detokenizer that raises, fails its request only; a forward pass or sampler that raises
+        fails the requests of that model's batch. Either way they end with finish_reason "error"
+        and their pages go back to the pool, and the other requests go on. After
+        MAX_FAILED_STEPS failed forward passes of one model in a row the engine gives up: EngineBroken."""
+        if self.broken is not None:
+            raise self.broken
         start = self.clock.now()
         self._plan(start)
-        ran, sampled = 0, []
+        ran, sampled, failures = 0, [], []
         for m, runner in enumerate(self.runners):
             num_seqs, num_tokens, num_decodes, num_samples, width = self._counts[m].tolist()
             ran += num_seqs
@@ -316,25 +332,68 @@ class Engine:
             if m == BIG:
                 self.book.mark_big_started(runner.buffers["seq_request_ids"][:num_seqs].tolist(), start)
             began = self.clock.now()
-            logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
-            if num_samples > 0:
-                reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
-                tokens, words, logprobs = sample_and_detect(
-                    logits, [r.params for r in reqs], [r.flow.next_index() for r in reqs], self._generator,
-                    self.real_vocab[m], self.ops.sample_and_detect, [r.flow.detect_state(m) for r in reqs],
-                    self.detect_tables, [r.stop_ids for r in reqs])
-                sampled.append((m, reqs, tokens.tolist(), words.tolist(),
-                                logprobs.tolist() if logprobs is not None else None))
+            try:
+                sampled += self._run_model(m, runner, num_seqs, num_tokens, num_decodes, num_samples, width,
+                                           failures)
+                self._failed_runs[m] = 0
+            except Exception as e:  # the whole batch: its requests fail, the engine goes on
+                failures += self._batch_failure(m, runner.buffers["seq_request_ids"][:num_seqs].tolist(), e)
             self.clock.charge(m, num_seqs, num_tokens)
             self.stats.model_time[m] += self.clock.now() - began
+        # Failures end their requests once every model has run: a request in both batches stays
+        # live for the second one, whose token for it is then dropped.
+        now = self.clock.now()
+        for req, message in failures:
+            if req.finish_reason is None:
+                self.book.fail(req, message, now)
         # The small model's rows first: in a big segment they decide whether the big token
         # sampled in the same step is still wanted.
-        now = self.clock.now()
-        for m, reqs, tokens, words, logprobs in sampled:
-            for k, (req, token, word) in enumerate(zip(reqs, tokens, words)):
-                if req.finish_reason is None:
-                    req.flow.on_token(m, token, word, logprobs[k] if logprobs else None, now)
+        for m, req, token, word, logprob in sampled:
+            if req.finish_reason is None:
+                try:
+                    req.flow.on_token(m, token, word, logprob, now)
+                except Exception as e:
+                    self.book.fail(req, f"{type(e).__name__} while applying a {MODEL_NAMES[m]}-model token: {e}", now)
+        if self.broken is not None:
+            raise self.broken
         return ran
+
+    def _run_model(self, m: int, runner: ModelRunner, num_seqs: int, num_tokens: int, num_decodes: int,
+                   num_samples: int, width: int, failures: list) -> list[tuple]:
+        """One model's forward pass and sampling: (model, request, token, word, logprob) per
+        sampled row whose logits were finite; the requests of the other rows go to `failures`."""
+        logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
+        if num_samples == 0:
+            return []
+        reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
+        logits, finite = finite_rows(logits)
+        tokens, words, logprobs = sample_and_detect(
+            logits, [r.params for r in reqs], [r.flow.next_index() for r in reqs], self._generator,
+            self.real_vocab[m], self.ops.sample_and_detect, [r.flow.detect_state(m) for r in reqs],
+            self.detect_tables, [r.stop_ids for r in reqs])
+        logprobs = logprobs.tolist() if logprobs is not None else [None] * len(reqs)
+        rows = []
+        for req, ok, token, word, logprob in zip(reqs, finite.tolist(), tokens.tolist(), words.tolist(), logprobs):
+            if ok:
+                rows.append((m, req, token, word, logprob))
+            else:
+                failures.append((req, f"the {MODEL_NAMES[m]} model's logits for this request are not finite "
+                                      f"(NaN or inf) after {len(req.tokens)} tokens"))
+        return rows
+
+    def _batch_failure(self, m: int, request_ids: list[int], error: Exception) -> list[tuple]:
+        """A forward pass or its sampling raised: every request in that batch fails. An out-of-memory
+        error also hands the allocator's cached blocks back to the device; MAX_FAILED_STEPS in a
+        row break the engine."""
+        fault = f"{type(error).__name__}: {error}"
+        logger.error("the %s model's step failed for %d requests: %s", MODEL_NAMES[m], len(request_ids), fault)
+        self._failed_runs[m] += 1
+        if self._failed_runs[m] >= MAX_FAILED_STEPS:
+            self.broken = EngineBroken(f"the {MODEL_NAMES[m]} model failed {MAX_FAILED_STEPS} times in a row; "
+                                       f"last: {fault}")
+        if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [(self._requests[rid], f"the {MODEL_NAMES[m]} model's step failed: {fault}") for rid in request_ids]
 
     def _plan(self, now: float) -> None:
         """The scheduler plans the step; the co-scheduling policy says whether the big model sits
@@ -391,6 +450,7 @@ class Engine:
         out.token_models = req.token_models
         out.stop_reason = req.stop_reason
         out.finish_reason = req.finish_reason
+        out.error = req.error
         out.logprobs = req.logprobs if req.params.logprobs else None
         if req.detokenizer is not None:
             out.text = req.text

@@ -57,7 +57,8 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     """One prompt's result. `finish_reason` is "stop", "length", "abort" (a stream closed early) or
-    "error" (then `error` says why and no tokens were generated)."""
+    "error" (then `error` says why: the prompt was refused, or the request failed while running and
+    keeps the tokens it had)."""
 
     index: int
     prompt_token_ids: list[int]

@@ -4,6 +4,7 @@ The engine loop and the protocol flows both change requests; they do it through 
 so the flows need neither the Engine nor its private methods.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,10 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 if TYPE_CHECKING:
     from .protocol import Flow
 
+logger = logging.getLogger(__name__)
+
 SMALL, BIG = 0, 1  # model indices, everywhere in the engine
+MODEL_NAMES = ("small", "big")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Request:
     text: str = ""  # streamed text so far (only kept when streaming or matching stop strings)
     detokenizer: "IncrementalDetokenizer | None" = None
     finish_reason: "str | None" = None
+    error: "str | None" = None  # why it failed (finish_reason "error")
     stopped_by_string: bool = False
     stop_reason: "str | int | None" = None  # the stop string matched, or the stop token id sampled
     output: "RequestOutput | None" = None  # filled in when the request finishes
@@ -96,19 +101,41 @@ class RequestBook:
         return True
 
     def end(self, req: Request, reason: str, now: float) -> None:
-        """Finishes a request: final text, metrics, pages back to the pool."""
-        m = req.metrics
-        for model in range(self.num_models):
-            m.peak_pages[model], m.tokens_processed[model] = self.scheduler.view_stats(req.id, model)
-        self.scheduler.finish(req.id)
+        """Finishes a request: pages back to the pool first (so nothing leaks, whatever follows),
+        then final text and metrics."""
+        self._release(req)
         req.flow.finish(now)
         if req.detokenizer is not None and not req.stopped_by_string:
             req.text = self.tokenizer.decode(req.tokens)  # flush text held back mid-character
         req.finish_reason = reason
+        self._close(req, now)
+
+    def fail(self, req: Request, message: str, now: float) -> None:
+        """Ends a request that broke (its logits, its text, its flow) with finish_reason "error" and
+        `message`, whatever state it was left in; its streamed text stays as sent. Other requests
+        are untouched."""
+        logger.warning("request %d failed: %s", req.id, message)
+        counted = req.finish_reason is not None  # it had finished when the failure surfaced
+        if req.id in self.live:
+            self._release(req)
+        req.finish_reason, req.error = "error", message
+        if counted:
+            self.stats.errors += 1
+        else:
+            self._close(req, now)
+
+    def _release(self, req: Request) -> None:
+        m = req.metrics
+        for model in range(self.num_models):
+            m.peak_pages[model], m.tokens_processed[model] = self.scheduler.view_stats(req.id, model)
+        self.scheduler.finish(req.id)
+        del self.live[req.id]
+
+    def _close(self, req: Request, now: float) -> None:
+        m = req.metrics
         m.finished_time = now
         m.num_generated_tokens = len(req.tokens)
-        self.stats.add(m)
-        del self.live[req.id]
+        self.stats.add(m, failed=req.error is not None)
 
     def mark_big_started(self, request_ids, now: float) -> None:
         """The big model runs for these requests now: a handoff waiting for it has waited its last."""

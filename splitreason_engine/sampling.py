@@ -166,6 +166,13 @@ class DetectTables:
         return cls(*(torch.from_numpy(t).to(device) for t in (detector.next_state, detector.flags, detector.closing)))
 
 
+def finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with every row that holds a NaN or inf zeroed, bool [n] of the rows that did not):
+    the sampler never sees a broken row, and the engine fails its request. No host sync."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    return torch.where(finite[:, None], logits, logits.new_zeros(())), finite
+
+
 def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
                       generator: torch.Generator, real_vocab: int, op: Callable, det_states: list[int],
                       tables: DetectTables, stop_ids: list[Collection[int]]

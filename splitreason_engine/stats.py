@@ -12,6 +12,7 @@ from .outputs import RequestMetrics
 class EngineStats:
     num_models: int
     requests: int = 0
+    errors: int = 0  # requests that ended with finish_reason "error" (counted in requests too)
     small_tokens: int = 0
     big_tokens: int = 0
     handoffs: int = 0
@@ -34,8 +35,9 @@ class EngineStats:
         self.steps[model] += 1
         self.rows[model] += rows
 
-    def add(self, m: RequestMetrics) -> None:
+    def add(self, m: RequestMetrics, failed: bool = False) -> None:
         self.requests += 1
+        self.errors += failed
         self.small_tokens += m.small_tokens
         self.big_tokens += m.big_tokens
         self.handoffs += m.handoffs
@@ -61,6 +63,7 @@ class EngineStats:
         lat, waits = sorted(self.handoff_latencies), sorted(self.big_waits)
         return {
             "requests": self.requests,
+            "errors": self.errors,
             "small_tokens": self.small_tokens,
             "big_tokens": self.big_tokens,
             "offload_fraction": self.offload_fraction,
