@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from .demo import evaluate as demo_eval, train as demo_train
 from .coschedule import POLICIES
 from .engine import Engine
 from .kernels.ops import KERNEL_CHOICES
+from .limits import ServerLimits
 from .loader import ModelSource
 from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams, generation_defaults
@@ -57,6 +59,25 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(default: T_big / (T_small + T_big) from the step costs)")
     g.add_argument("--step-costs", type=Path, metavar="JSON",
                    help="calibration file of per-model step costs (default: timed at start-up)")
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("request limits (past one: 400, or 413 for the body, before any engine work)")
+    d = ServerLimits()
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"largest request body (default: {d.max_body_bytes})")
+    g.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: max-model-len - 1)")
+    g.add_argument("--max-completion-tokens", type=int, help="largest max_tokens (default: max-model-len - 1)")
+    g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help=f"most stop strings (default: {d.max_stop_strings})")
+    g.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                   help=f"longest stop string in characters (default: {d.max_stop_length})")
+    g.add_argument("--max-logit-bias", type=int, default=d.max_logit_bias,
+                   help=f"most logit_bias entries (default: {d.max_logit_bias})")
+    g.add_argument("--max-messages", type=int, default=d.max_messages,
+                   help=f"most chat messages (default: {d.max_messages})")
+    g.add_argument("--chat-template-timeout", type=float, default=d.chat_template_timeout_s,
+                   help=f"longest a chat template may render, in seconds (default: {d.chat_template_timeout_s:g})")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -107,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="queued requests beyond which new ones get 503 with Retry-After (default: 256)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the small model's folder name)")
+    serve.add_argument("--api-key", default=os.environ.get("SPLITREASON_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every /v1 route (default: $SPLITREASON_API_KEY; "
+                            "none: open)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they end with an "
+                            "error (default: 30)")
+    add_limit_options(serve)
     add_engine_options(serve)
     train = sub.add_parser("train-demo", help="train the demo model pair (small with tags, big without)",
                            description="Trains the demo pair on the synthetic multiplication-chain task: the small "
@@ -276,14 +304,26 @@ def cmd_serve(args) -> int:
 
     from . import chat
     from .async_engine import AsyncEngine
-    from .server import build_app
+    from .server import GracefulServer, build_app
 
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be at least 0, got {args.shutdown_timeout}")
+    limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_completion_tokens,
+                          args.max_stop_strings, args.max_stop_length, args.max_logit_bias, args.max_messages,
+                          args.chat_template_timeout)
     checkpoint = small_checkpoint(args)
     name = args.served_model_name or ("splitreason-demo" if args.small is None else checkpoint.name)
     engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)
-    app = build_app(engine, name, chat.load_chat_template(checkpoint), generation_defaults(checkpoint))
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        app = build_app(engine, name, chat.load_chat_template(checkpoint), generation_defaults(checkpoint),
+                        args.api_key or None, limits)
+        server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), engine,
+                                args.shutdown_timeout)
+        auth = "API key required" if args.api_key else "no API key"
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr, flush=True)
+        server.run()
+    finally:
+        engine.shutdown()
     return 0
 
 

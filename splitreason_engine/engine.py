@@ -297,11 +297,16 @@ class Engine:
         self._requests[rid] = req
         return rid
 
-    def abort(self, request_id: int) -> None:
-        """Ends a queued or running request now (finish_reason "abort") and frees its pages."""
+    def abort(self, request_id: int, error: "str | None" = None) -> None:
+        """Ends a queued or running request now and frees its pages: finish_reason "abort", or
+        "error" with `error` as its message (a server shutting down)."""
         req = self._requests.get(request_id)
-        if req is not None:
+        if req is None:
+            return
+        if error is None:
             self.book.end(req, "abort", self.clock.now())
+        else:
+            self.book.fail(req, error, self.clock.now())
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)

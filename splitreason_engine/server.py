@@ -2,22 +2,32 @@
 streaming), /v1/models, /health and Prometheus /metrics, over an AsyncEngine.
 
 Errors follow the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad
-request (malformed JSON, wrong types, unknown mode, bad limits, a prompt longer than the context),
-404 for an unknown model, 503 with Retry-After when too many requests are waiting.
+request (malformed JSON, wrong types, unknown mode, a field past its limit in ServerLimits, a
+prompt longer than the context), 401 without the API key, 404 for an unknown model, 413 for a
+body past its limit, 500 for a request that failed inside the engine, 503 with Retry-After when too
+many requests are waiting, and 503 when the server is shutting down or the engine has failed.
 """
 
+import asyncio
+import hmac
 import json
+import logging
+import threading
 import time
 import uuid
 from bisect import bisect_left
 
-from fastapi import FastAPI, Request
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import chat
-from .async_engine import AsyncEngine, Overloaded
+from .async_engine import AsyncEngine, Overloaded, Unavailable
+from .limits import ServerLimits
 from .outputs import RequestOutput
 from .sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # Request fields passed to SamplingParams under the same name, with the JSON types accepted.
 _NUMBER, _INT, _BOOL = (int, float), (int,), (bool,)
@@ -78,7 +88,10 @@ class Metrics:
             ("splitreason_requests_running", "gauge", "Requests running.", snap.running),
             ("splitreason_requests_waiting", "gauge", "Requests waiting.", snap.waiting),
             ("splitreason_kv_pages_free", "gauge", "KV pages free.", snap.free_pages),
+            ("splitreason_kv_pages_total", "gauge", "KV pages in the shared pool.", engine.engine.pool.num_pages),
             ("splitreason_requests_finished_total", "counter", "Requests finished.", stats["requests"]),
+            ("splitreason_requests_failed_total", "counter", "Requests that failed inside the engine "
+             "(finish_reason error).", stats["errors"]),
             ("splitreason_requests_rejected_total", "counter", "Requests refused with 503.", self.rejected),
             ("splitreason_handoffs_total", "counter", "Small-to-big handoffs.", stats["handoffs"]),
             ("splitreason_offloaded_tokens_total", "counter", "Tokens written by the big model.", stats["big_tokens"]),
@@ -111,7 +124,7 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _params(body: dict, defaults: dict) -> SamplingParams:
+def _params(body: dict, defaults: dict, limits: ServerLimits) -> SamplingParams:
     """`defaults`: the checkpoint's generation_config.json sampling fields, for what the request omits."""
     kwargs = dict(defaults)
     for key, types in _FIELDS.items():
@@ -122,17 +135,28 @@ def _params(body: dict, defaults: dict) -> SamplingParams:
             kwargs[key] = value
     if "n" in body and body["n"] not in (None, 1):
         raise ApiError(400, "only n=1 is supported", "n")
+    if isinstance(kwargs.get("max_tokens"), int) and kwargs["max_tokens"] > limits.max_completion_tokens:
+        raise ApiError(400, f"max_tokens is {kwargs['max_tokens']}; this server allows at most "
+                            f"{limits.max_completion_tokens}", "max_tokens")
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, "stop must be a string or a list of strings", "stop")
+        if len(stop) > limits.max_stop_strings:
+            raise ApiError(400, f"stop has {len(stop)} strings; this server takes at most {limits.max_stop_strings}",
+                           "stop")
+        if any(len(s) > limits.max_stop_length for s in stop):
+            raise ApiError(400, f"a stop string is longer than {limits.max_stop_length} characters", "stop")
         kwargs["stop"] = stop
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
             raise ApiError(400, "logit_bias must map token ids to numbers", "logit_bias")
+        if len(bias) > limits.max_logit_bias:
+            raise ApiError(400, f"logit_bias has {len(bias)} entries; this server takes at most "
+                                f"{limits.max_logit_bias}", "logit_bias")
         try:
             kwargs["logit_bias"] = {int(k): v for k, v in bias.items()}
         except (TypeError, ValueError):
@@ -142,6 +166,11 @@ def _params(body: dict, defaults: dict) -> SamplingParams:
         return SamplingParams(**kwargs)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split(" ", 1)[0]) from None
+
+
+def _error_body(out: RequestOutput) -> dict:
+    """The OpenAI error object of a request that failed inside the engine."""
+    return {"message": out.error, "type": "server_error", "param": None, "code": "request_failed"}
 
 
 def _usage(out: RequestOutput) -> dict:
@@ -155,19 +184,45 @@ def _usage(out: RequestOutput) -> dict:
 
 
 def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" = None,
-              sampling_defaults: "dict | None" = None) -> FastAPI:
+              sampling_defaults: "dict | None" = None, api_key: "str | None" = None,
+              limits: "ServerLimits | None" = None) -> FastAPI:
+    """`api_key`: when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise);
+    /health and /metrics stay open. `limits`: what one request may ask for (ServerLimits)."""
     sampling_defaults = sampling_defaults or {}
+    limits = (limits or ServerLimits()).resolved(engine.engine.max_model_len)
+    template = chat.ChatTemplate(chat_template, limits.chat_template_timeout_s) if chat_template else None
+    tokenizer = engine.engine.tokenizer
     app = FastAPI(title="splitreason-engine")
     metrics = Metrics()
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError):
         return e.response()
 
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_request_error", "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
     async def read_body(request: Request) -> dict:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; this server takes at most "
+                                f"{limits.max_body_bytes}", "body", code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise ApiError(413, f"the request body is over {limits.max_body_bytes} bytes", "body",
+                               code="request_too_large")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}") from None
         if not isinstance(body, dict):
@@ -180,6 +235,19 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
             raise ApiError(400, "stream must be a boolean", "stream")
         return body
 
+    async def check_prompt_tokens(prompt, param: str) -> None:
+        """A prompt past max_prompt_tokens is refused here; a text is only tokenized when its
+        UTF-8 length does not already bound its token count (a token is at least one byte)."""
+        if isinstance(prompt, list):
+            count = len(prompt)
+        elif tokenizer is None or len(prompt.encode()) <= limits.max_prompt_tokens:
+            return
+        else:
+            count = len(await asyncio.to_thread(tokenizer.encode, prompt))
+        if count > limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {count} tokens; this server takes at most "
+                                f"{limits.max_prompt_tokens}", param, code="context_length_exceeded")
+
     async def run(prompt, params: SamplingParams, stream: bool, chunk, final):
         """Starts the request; answers 400 if the engine refuses it, else JSON or SSE."""
         start = time.perf_counter()
@@ -190,9 +258,11 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
             metrics.rejected += 1
             raise ApiError(503, f"server overloaded: {e}; retry later", None, "server_error", "overloaded",
                            {"Retry-After": "1"}) from None
+        except Unavailable as e:
+            raise ApiError(503, str(e), None, "server_error", "unavailable") from None
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e)) from None
-        if first.output is not None and first.output.error:
+        if first.output is not None and first.output.error and first.output.metrics is None:  # refused
             raise ApiError(400, first.output.error, "prompt" if "prompt" in first.output.error else None)
 
         def observe(event, last):
@@ -207,8 +277,13 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
 
         if not stream:
             event, last = first, observe(first, None)
-            async for event in events:
-                last = observe(event, last)
+            try:
+                async for event in events:
+                    last = observe(event, last)
+            except Unavailable as e:
+                raise ApiError(503, str(e), None, "server_error", "unavailable") from None
+            if event.output.finish_reason == "error":
+                return JSONResponse({"error": _error_body(event.output)}, status_code=500)
             return JSONResponse(final(event.output))
 
         async def sse():
@@ -216,25 +291,38 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
             try:
                 while True:
                     last = observe(event, last)
-                    yield f"data: {json.dumps(chunk(event))}\n\n"
+                    body = chunk(event)
+                    if event.output is not None and event.output.finish_reason == "error":
+                        body["error"] = _error_body(event.output)
+                    yield f"data: {json.dumps(body)}\n\n"
                     if event.output is not None:
                         break
                     event = await events.__anext__()
-                yield "data: [DONE]\n\n"
+            except Unavailable as e:  # the engine failed under this stream
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': 'unavailable'}})}\n\n"
             finally:
                 await events.aclose()
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def prompt_for(params: SamplingParams, text_or_ids, chat_messages=None):
+    async def prompt_for(params: SamplingParams, text_or_ids, chat_messages=None):
+        """The prompt the engine gets, after the prompt-token limit."""
         mode = params.mode or ("split" if len(engine.engine.models) > 1 else "small")
-        if chat_messages is not None:
-            if mode in ("split", "random"):
-                return chat.question(chat_messages)
-            return chat.render(chat_messages, chat_template)
-        return text_or_ids
+        if chat_messages is None:
+            prompt, param = text_or_ids, "prompt"
+        elif mode in ("split", "random"):
+            prompt, param = chat.question(chat_messages), "messages"
+        else:
+            param = "messages"
+            try:
+                prompt = await asyncio.to_thread(chat.render, chat_messages, template)
+            except chat.TemplateError as e:
+                raise ApiError(400, str(e), "messages") from None
+        await check_prompt_tokens(prompt, param)
+        return prompt
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         body = await read_body(request)
         prompt = body.get("prompt")
@@ -243,7 +331,7 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
                                             all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
             raise ApiError(400, "prompt must be a string or a list of token ids", "prompt")
-        params = _params(body, sampling_defaults)
+        params = _params(body, sampling_defaults, limits)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(event):
@@ -262,18 +350,18 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
                                  "stop_reason": out.stop_reason}],
                     "usage": _usage(out)}
 
-        return await run(prompt_for(params, prompt), params, body.get("stream", False), chunk, final)
+        return await run(await prompt_for(params, prompt), params, body.get("stream", False), chunk, final)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
         try:
-            messages = chat.check_messages(body.get("messages"))
+            messages = chat.check_messages(body.get("messages"), limits.max_messages)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body["max_tokens"] = body["max_completion_tokens"]
-        params = _params(body, sampling_defaults)
+        params = _params(body, sampling_defaults, limits)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sent_role = []
 
@@ -297,21 +385,57 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
                                  "logprobs": None, "finish_reason": out.finish_reason}],
                     "usage": _usage(out)}
 
-        return await run(prompt_for(params, None, messages), params, body.get("stream", False), chunk, final)
+        return await run(await prompt_for(params, None, messages), params, body.get("stream", False), chunk, final)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "splitreason-engine"}]}
 
+    app.include_router(v1)
+
     @app.get("/health")
     async def health():
-        if engine.healthy:
-            return {"status": "ok"}
-        return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
+        if not engine.healthy:
+            return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
+        if engine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, with SIGTERM / SIGINT draining instead of stopping: new requests get 503, those
+    accepted have `shutdown_timeout` seconds to finish, the rest end with an error event, and then
+    the server exits normally (status 0). A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.engine.draining:
+            self.should_exit = self.force_exit = True
+            return
+        logger.warning("signal %d: draining %d requests (at most %.0f s)", sig, self.engine.active,
+                       self.shutdown_timeout)
+        self.engine.drain()
+        threading.Thread(target=self._drain, name="splitreason-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.engine.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.engine.active:
+            logger.warning("ending %d unfinished requests", self.engine.active)
+            self.engine.fail_all(f"the server shut down before this request finished "
+                                 f"(--shutdown-timeout {self.shutdown_timeout:g} s)")
+            deadline = time.monotonic() + 5  # their final events reach the clients
+            while self.engine.active and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.should_exit = True

@@ -2,6 +2,9 @@
 detokenizer fail the requests they belong to (finish_reason "error", pages freed) while every other
 request keeps the oracle's tokens; faults that do not stop end the engine with EngineBroken."""
 
+import json
+import time
+
 import pytest
 import torch
 
@@ -156,3 +159,101 @@ def test_a_fault_that_persists_breaks_the_engine_with_its_cause(pair, oracle, mo
     assert engine.scheduler.num_free_pages == engine.pool.num_pages  # failed and unfinished alike
     with pytest.raises(EngineBroken):
         engine.generate([reqs[8].question], [params_for(reqs[8])], use_tqdm=False)
+
+
+@pytest.fixture
+def faulty_server(pair):
+    """A real server on loopback, in this process, whose small model's runner calls `fault(engine,
+    logits)` on every forward pass: the test decides what breaks."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from splitreason_engine.async_engine import AsyncEngine
+    from splitreason_engine.server import build_app
+
+    hooks = {"fault": lambda engine, logits: None}
+
+    def build():
+        engine = Engine(*pair, kv_cache_bytes=400 * PAGE_BYTES, max_num_batched_tokens=96, progress=False)
+        runner, execute = engine.runners[0], engine.runners[0].execute
+
+        def hooked(*args):
+            logits = execute(*args)
+            hooks["fault"](engine, logits)
+            return logits
+
+        runner.execute = hooked
+        return engine
+
+    engine = AsyncEngine(build)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, "pair"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", hooks, engine
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+def poison_prompt(marker: int):
+    """A fault that makes NaN the logits of every request whose prompt holds token `marker`."""
+    def fault(engine, logits):
+        ids = engine.runners[0].buffers["sample_request_ids"][:logits.shape[0]].tolist()
+        for row, rid in enumerate(ids):
+            req = engine._requests.get(rid)
+            if req is not None and marker in req.prompt and len(req.tokens) >= 2:
+                logits[row] = float("nan")
+    return fault
+
+
+def test_server_answers_a_failed_request_with_500_or_an_error_event_and_serves_the_rest(faulty_server):
+    import httpx
+
+    url, hooks, engine = faulty_server
+    marker = 77
+    hooks["fault"] = poison_prompt(marker)
+    body = {"max_tokens": 12, "temperature": 0, "mode": "small", "ignore_eos": True}
+    good = httpx.post(url + "/v1/completions", json={"prompt": [5, 6, 7], **body}, timeout=60)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 12
+    bad = httpx.post(url + "/v1/completions", json={"prompt": [5, marker, 7], **body}, timeout=60)
+    assert bad.status_code == 500 and "not finite" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["code"] == "request_failed"
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": [marker], **body, "stream": True},
+                      timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    last = json.loads(lines[-2][6:])
+    assert lines[-1] == "data: [DONE]" and last["choices"][0]["finish_reason"] == "error"
+    assert "not finite" in last["error"]["message"]
+    again = httpx.post(url + "/v1/completions", json={"prompt": [5, 6, 7], **body}, timeout=60)
+    assert again.json()["choices"][0]["text"] == good.json()["choices"][0]["text"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert engine.engine.scheduler.num_free_pages == engine.engine.pool.num_pages
+
+
+def test_a_broken_engine_reports_its_cause_and_answers_503_at_once(faulty_server):
+    import httpx
+
+    url, hooks, engine = faulty_server
+
+    def dead(engine, logits):
+        raise RuntimeError("device lost (injected)")
+
+    hooks["fault"] = dead
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "mode": "small"}
+    for _ in range(MAX_FAILED_STEPS - 1):
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 500
+    last = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert last.status_code == 503  # the step that broke the engine fails its streams with it
+    health = httpx.get(url + "/health")
+    assert health.status_code == 503 and "device lost (injected)" in health.json()["error"]
+    start = time.perf_counter()
+    refused = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert refused.status_code == 503 and "device lost" in refused.json()["error"]["message"]
+    assert time.perf_counter() - start < 2
