@@ -194,7 +194,9 @@ class AsyncEngine:
             return
         try:
             outputs, reqs = self.engine._submit([prompt], [params], stream=True)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # ValueError / TypeError: a bad request; anything else fails it alone
+            if not isinstance(e, (ValueError, TypeError)):
+                logger.exception("adding a request failed")
             stream.push(e)
             return
         if outputs[0].error:
@@ -206,12 +208,22 @@ class AsyncEngine:
     def _publish(self) -> None:
         still = []
         for stream in self._streams:
-            event = self.engine._event(stream.request)
+            try:
+                event = self.engine._event(stream.request)
+            except Exception as e:  # this request's output cannot be made: it fails, the others go on
+                event = self._failed_event(stream.request, f"{type(e).__name__} while making its output: {e}")
             if event is not None:
                 stream.push(event)
             if stream.request.finish_reason is None:
                 still.append(stream)
         self._streams = still
+
+    def _failed_event(self, req, message: str) -> StreamEvent:
+        logger.warning("request %d failed: %s", req.id, message)
+        self.engine.abort(req.id, error=message)
+        out = req.output
+        out.token_ids, out.token_models, out.finish_reason, out.error = req.tokens, req.token_models, "error", message
+        return StreamEvent(req.index, [], "", out)
 
     def _snapshot(self) -> None:
         s = self.engine.scheduler

@@ -200,6 +200,11 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
     async def api_error(_request: Request, e: ApiError):
         return e.response()
 
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, e: Exception):
+        logger.exception("request failed")
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "server_error").response()
+
     async def authorize(request: Request) -> None:
         if api_key is None:
             return

@@ -257,3 +257,23 @@ def test_a_broken_engine_reports_its_cause_and_answers_503_at_once(faulty_server
     refused = httpx.post(url + "/v1/completions", json=body, timeout=60)
     assert refused.status_code == 503 and "device lost" in refused.json()["error"]["message"]
     assert time.perf_counter() - start < 2
+
+
+def test_a_request_whose_output_cannot_be_made_fails_alone(faulty_server, monkeypatch):
+    import httpx
+
+    url, hooks, engine = faulty_server
+    make_event, marker = engine.engine._event, 77
+
+    def broken_event(req):
+        if marker in req.prompt and len(req.tokens) >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return make_event(req)
+
+    monkeypatch.setattr(engine.engine, "_event", broken_event)
+    body = {"max_tokens": 10, "temperature": 0, "mode": "small", "ignore_eos": True}
+    bad = httpx.post(url + "/v1/completions", json={"prompt": [marker], **body}, timeout=60)
+    assert bad.status_code == 500 and "while making its output" in bad.json()["error"]["message"]
+    good = httpx.post(url + "/v1/completions", json={"prompt": [5, 6], **body}, timeout=60)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 10
+    assert engine.healthy and engine.engine.scheduler.num_free_pages == engine.engine.pool.num_pages
