@@ -32,7 +32,9 @@ def test_brief_soak_loses_nothing_and_leaks_no_pages(tmp_path):
     # our disconnects and aborts, 4xx for malformed bodies, 503s (with Retry-After) in the burst.
     assert r["checks"]["every_class_counted"]["ok"], r["checks"]["every_class_counted"]
     assert set(r["by_kind"]) == {"valid", "disconnect", "abort", "malformed", "oversized", "auth", "burst"}
-    assert r["checks"]["malformed_refused_4xx"]["ok"], r["checks"]["malformed_refused_4xx"]
+    for name in ("malformed_refused_4xx", "oversized_refused_4xx", "wrong_key_refused_401", "exact_refusal_statuses",
+                 "kv_pages_total_metric", "clean_exit"):
+        assert r["checks"][name]["ok"], (name, r["checks"][name])
     assert r["overload"]["with_retry_after"] == r["overload"]["count"] > 0
 
     idle = r["idle"]
