@@ -194,7 +194,7 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
     tokenizer = engine.engine.tokenizer
     app = FastAPI(title="splitreason-engine")
     metrics = Metrics()
-    app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
+    app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError):
