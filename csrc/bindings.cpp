@@ -1,7 +1,19 @@
 // The narrow Python boundary: token ids in, flat arrays out (numpy views over C++ buffers).
+//
+// Lists of ints (token ids, run states, page sizes) are converted here, so that junk is reported
+// by name: a non-int (a float, a bool, a str) is a TypeError, a value outside int32 an
+// OverflowError. Whether a value makes sense (a negative token id, an unknown request, a model
+// index out of range) is the C++ core's check: std::invalid_argument arrives as ValueError,
+// std::out_of_range as IndexError. Scalar int arguments use pybind11's own conversion (a float or
+// a value outside the C++ type is a TypeError naming the call).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "scheduler.h"
 
@@ -9,6 +21,67 @@ namespace py = pybind11;
 using sre::Scheduler;
 
 namespace {
+
+std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
+
+// One int32: a Python int or anything with __index__ (numpy integers), but not a bool. `name()`
+// names the value in an error, and is only called then.
+template <typename Name>
+int32_t to_int32(py::handle item, const Name& name) {
+  py::object index;  // owns what __index__ returned
+  PyObject* value = item.ptr();
+  if (!PyLong_CheckExact(value)) {
+    if (PyBool_Check(value) || !PyIndex_Check(value))
+      throw py::type_error(name() + " must be an int, got " + type_name(item));
+    index = py::reinterpret_steal<py::object>(PyNumber_Index(value));
+    if (!index) {
+      py::error_already_set error;  // a numpy array of more than one element, say
+      if (!error.matches(PyExc_TypeError)) throw error;
+      throw py::type_error(name() + " must be an int, got " + type_name(item) + ": " +
+                           std::string(py::str(error.value())));
+    }
+    value = index.ptr();
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0 || v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+    throw std::overflow_error(name() + " = " + std::string(py::str(value)) + " does not fit in int32");
+  return static_cast<int32_t>(v);
+}
+
+// `seq` as a list or tuple (PySequence_Fast), if it is a sequence and not a str or bytes.
+py::object as_fast_sequence(py::handle seq, const std::string& what, const char* of) {
+  if (!PySequence_Check(seq.ptr()) || PyUnicode_Check(seq.ptr()) || PyBytes_Check(seq.ptr()))
+    throw py::type_error(what + " must be a sequence of " + of + ", got " + type_name(seq));
+  auto fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "not a sequence"));
+  if (!fast) throw py::error_already_set();
+  return fast;
+}
+
+// A sequence of ints (a list, a tuple, a 1-D integer numpy array) as int32s; `what` names it.
+std::vector<int32_t> to_int32s(py::handle seq, const std::string& what) {
+  const py::object fast = as_fast_sequence(seq, what, "ints");
+  std::vector<int32_t> out;
+  out.reserve(PySequence_Fast_GET_SIZE(fast.ptr()));
+  // Size and item are read afresh each time, and the item held: an __index__ may change the list.
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast.ptr()); ++i) {
+    const auto item = py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(fast.ptr(), i));
+    out.push_back(to_int32(item, [&] { return what + "[" + std::to_string(i) + "]"; }));
+  }
+  return out;
+}
+
+// add_request's `views`: a sequence of token sequences, one per model.
+std::vector<std::vector<int32_t>> to_views(py::handle seq) {
+  const py::object fast = as_fast_sequence(seq, "views", "token id sequences");
+  std::vector<std::vector<int32_t>> views;
+  for (Py_ssize_t m = 0; m < PySequence_Fast_GET_SIZE(fast.ptr()); ++m) {
+    const auto item = py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(fast.ptr(), m));
+    views.push_back(to_int32s(item, "views[" + std::to_string(m) + "]"));
+  }
+  return views;
+}
 
 // A numpy view of `data` kept alive by `owner` (the Python Scheduler object); no copy.
 template <typename T>
@@ -38,25 +111,35 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int32_t num_pages, int32_t max_num_seqs, int32_t max_num_batched_tokens,
-                       int32_t max_model_len, std::vector<int32_t> page_tokens) {
+                       int32_t max_model_len, py::handle page_tokens) {
              sre::SchedulerConfig c;
              c.num_pages = num_pages;
              c.max_num_seqs = max_num_seqs;
              c.max_num_batched_tokens = max_num_batched_tokens;
              c.max_model_len = max_model_len;
-             c.page_tokens = std::move(page_tokens);
+             c.page_tokens = to_int32s(page_tokens, "page_tokens");
              return std::make_unique<Scheduler>(c);
            }),
            py::arg("num_pages"), py::arg("max_num_seqs"), py::arg("max_num_batched_tokens"),
            py::arg("max_model_len"), py::arg("page_tokens"))
       .def_property_readonly("num_models", &Scheduler::num_models)
       .def("max_pages_per_seq", &Scheduler::max_pages_per_seq)
-      .def("add_request", &Scheduler::add_request, py::arg("id"), py::arg("views"), py::arg("runs"))
+      .def(
+          "add_request",
+          [](Scheduler& s, int64_t id, py::handle views, py::handle runs) {
+            s.add_request(id, to_views(views), to_int32s(runs, "runs"));
+          },
+          py::arg("id"), py::arg("views"), py::arg("runs"))
       .def("schedule", &Scheduler::schedule, py::arg("held_models") = 0,
            "Plans one step; models whose bit is set in held_models do not run in it")
       .def("ready_rows", &Scheduler::ready_rows, py::arg("model"))
       .def("ready_requests", &Scheduler::ready_requests, py::arg("model"))
-      .def("append", &Scheduler::append, py::arg("id"), py::arg("model"), py::arg("tokens"))
+      .def(
+          "append",
+          [](Scheduler& s, int64_t id, int32_t model, py::handle tokens) {
+            s.append(id, model, to_int32s(tokens, "tokens"));
+          },
+          py::arg("id"), py::arg("model"), py::arg("tokens"))
       .def("truncate", &Scheduler::truncate, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
       .def("set_run", &Scheduler::set_run, py::arg("id"), py::arg("model"), py::arg("run"))
       .def("finish", &Scheduler::finish, py::arg("id"))
@@ -83,17 +166,17 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_view_drops", &Scheduler::num_view_drops)
       .def("pages_held", &Scheduler::pages_held)
       .def("has_request", &Scheduler::has_request)
-      .def("view_size", [](const Scheduler& s, int64_t id, int32_t model) {
-        return static_cast<int32_t>(s.request(id).views.at(model).tokens.size()); })
-      .def("view_computed", [](const Scheduler& s, int64_t id, int32_t model) { return s.request(id).views.at(model).num_computed; })
+      .def("view_size",
+           [](const Scheduler& s, int64_t id, int32_t model) { return static_cast<int32_t>(s.view(id, model).tokens.size()); })
+      .def("view_computed", [](const Scheduler& s, int64_t id, int32_t model) { return s.view(id, model).num_computed; })
       .def("view_stats",
            [](const Scheduler& s, int64_t id, int32_t model) {
-             const sre::View& v = s.request(id).views.at(model);
+             const sre::View& v = s.view(id, model);
              return py::make_tuple(v.peak_pages, v.num_processed);
            },
            "(peak pages held, tokens processed including recomputation) of one view")
-      .def("request_pages", [](const Scheduler& s, int64_t id, int32_t model) { return s.request(id).views.at(model).pages; })
-      .def("request_tokens", [](const Scheduler& s, int64_t id, int32_t model) { return s.request(id).views.at(model).tokens; })
+      .def("request_pages", [](const Scheduler& s, int64_t id, int32_t model) { return s.view(id, model).pages; })
+      .def("request_tokens", [](const Scheduler& s, int64_t id, int32_t model) { return s.view(id, model).tokens; })
       .def("check_invariants", &Scheduler::check_invariants);
 
   m.attr("NUM_COUNT_FIELDS") = static_cast<int>(sre::kNumCountFields);

@@ -2,26 +2,46 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
 namespace sre {
 namespace {
 
-int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
+// For a >= 0, b > 0; (a + b - 1) / b would overflow near INT32_MAX.
+int32_t ceil_div(int32_t a, int32_t b) { return a / b + (a % b != 0); }
+
+void check_tokens(const std::vector<int32_t>& tokens, const char* what) {
+  for (int32_t t : tokens)
+    if (t < 0) throw std::invalid_argument(std::string(what) + ": negative token id " + std::to_string(t));
+}
+
+void check_run(int32_t run, const char* what) {
+  if (run < 0 || run > 2)
+    throw std::invalid_argument(std::string(what) + ": bad run state " + std::to_string(run) +
+                                " (0 idle, 1 foreground, 2 background)");
+}
 
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerConfig& config)
     : config_(config), allocator_(config.num_pages) {
   if (config.page_tokens.empty()) throw std::invalid_argument("Scheduler: no models");
+  if (num_models() > kMaxModels)
+    throw std::invalid_argument("Scheduler: " + std::to_string(num_models()) + " models, at most " +
+                                std::to_string(kMaxModels));
   if (config.max_num_seqs <= 0 || config.max_num_batched_tokens <= 0 || config.max_model_len <= 0)
     throw std::invalid_argument("Scheduler: max_num_seqs, max_num_batched_tokens and max_model_len must be positive");
   const int32_t seqs = config.max_num_seqs;
   const int32_t tokens = config.max_num_batched_tokens;
-  int32_t one_request = 0;
+  int64_t one_request = 0;
   for (int32_t page_tokens : config.page_tokens) {
     if (page_tokens <= 0) throw std::invalid_argument("Scheduler: page_tokens must be positive");
+    // slot_mapping holds page * page_tokens + offset as int32.
+    if (int64_t{config.num_pages} * page_tokens > std::numeric_limits<int32_t>::max())
+      throw std::invalid_argument("Scheduler: " + std::to_string(config.num_pages) + " pages of " +
+                                  std::to_string(page_tokens) + " tokens have more slots than int32 can address");
     const int32_t width = ceil_div(config.max_model_len, page_tokens);
     one_request += width;
     max_pages_per_seq_.push_back(width);
@@ -29,7 +49,7 @@ Scheduler::Scheduler(const SchedulerConfig& config)
     b.input_ids.assign(tokens, 0);
     b.positions.assign(tokens, 0);
     b.slot_mapping.assign(tokens, -1);
-    b.query_start_loc.assign(seqs + 1, 0);
+    b.query_start_loc.assign(static_cast<size_t>(seqs) + 1, 0);
     b.seq_lens.assign(seqs, 0);
     b.block_tables.assign(static_cast<size_t>(seqs) * width, 0);
     b.logits_indices.assign(seqs, 0);
@@ -50,9 +70,12 @@ Scheduler::Scheduler(const SchedulerConfig& config)
 
 void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>& views,
                             const std::vector<int32_t>& runs) {
+  if (id < 0) throw std::invalid_argument("add_request: negative request id " + std::to_string(id));
   if (requests_.count(id)) throw std::invalid_argument("request id " + std::to_string(id) + " already exists");
-  if (static_cast<int32_t>(views.size()) != num_models() || static_cast<int32_t>(runs.size()) != num_models())
-    throw std::invalid_argument("add_request: need one view and one run state per model");
+  if (views.size() != config_.page_tokens.size() || runs.size() != config_.page_tokens.size())
+    throw std::invalid_argument("add_request: " + std::to_string(views.size()) + " views and " +
+                                std::to_string(runs.size()) + " run states for " + std::to_string(num_models()) +
+                                " models (need one of each per model)");
   auto request = std::make_unique<Request>();
   request->id = id;
   request->views.resize(num_models());
@@ -62,7 +85,8 @@ void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>&
       throw std::invalid_argument("prompt of " + std::to_string(views[m].size()) +
                                   " tokens leaves no room under max_model_len " +
                                   std::to_string(config_.max_model_len));
-    if (runs[m] < 0 || runs[m] > 2) throw std::invalid_argument("add_request: bad run state");
+    check_tokens(views[m], "add_request");
+    check_run(runs[m], "add_request");
     request->views[m].tokens = views[m];
     request->views[m].run = static_cast<Run>(runs[m]);
     runnable |= request->views[m].run == Run::kForeground && !views[m].empty();
@@ -72,19 +96,21 @@ void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>&
   requests_.emplace(id, std::move(request));
 }
 
-Request& Scheduler::lookup(int64_t id) {
-  auto it = requests_.find(id);
-  if (it == requests_.end()) throw std::out_of_range("unknown request id " + std::to_string(id));
-  return *it->second;
+size_t Scheduler::check_model(int32_t model) const {
+  if (model < 0 || model >= num_models())
+    throw std::out_of_range("model index " + std::to_string(model) + " is out of range for " +
+                            std::to_string(num_models()) + " models");
+  return static_cast<size_t>(model);
 }
 
-View& Scheduler::view_of(int64_t id, int32_t model) {
-  if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
-  return lookup(id).views[model];
+const View& Scheduler::view(int64_t id, int32_t model) const {
+  const size_t m = check_model(model);
+  return request(id).views[m];
 }
 
 void Scheduler::append(int64_t id, int32_t model, const std::vector<int32_t>& tokens) {
   View& view = view_of(id, model);
+  check_tokens(tokens, "append");
   if (view.tokens.size() + tokens.size() > static_cast<size_t>(config_.max_model_len))
     throw std::invalid_argument("append: view would exceed max_model_len " + std::to_string(config_.max_model_len));
   view.tokens.insert(view.tokens.end(), tokens.begin(), tokens.end());
@@ -103,7 +129,7 @@ void Scheduler::truncate(int64_t id, int32_t model, int32_t num_tokens) {
 }
 
 void Scheduler::set_run(int64_t id, int32_t model, int32_t run) {
-  if (run < 0 || run > 2) throw std::invalid_argument("set_run: bad run state " + std::to_string(run));
+  check_run(run, "set_run");
   view_of(id, model).run = static_cast<Run>(run);
 }
 
@@ -296,14 +322,14 @@ bool ready(const View& v) {
 }  // namespace
 
 int32_t Scheduler::ready_rows(int32_t model) const {
-  if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
+  check_model(model);
   int32_t rows = 0;
   for (const auto& kv : requests_) rows += ready(kv.second->views[model]);
   return rows;
 }
 
 std::vector<int64_t> Scheduler::ready_requests(int32_t model) const {
-  if (model < 0 || model >= num_models()) throw std::out_of_range("model index out of range");
+  check_model(model);
   std::vector<int64_t> ids;
   for (const auto& kv : requests_)
     if (ready(kv.second->views[model])) ids.push_back(kv.first);
@@ -311,8 +337,9 @@ std::vector<int64_t> Scheduler::ready_requests(int32_t model) const {
 }
 
 int32_t Scheduler::pages_held(int32_t model) const {
+  const size_t m = check_model(model);
   int32_t total = 0;
-  for (const auto& kv : requests_) total += static_cast<int32_t>(kv.second->views.at(model).pages.size());
+  for (const auto& kv : requests_) total += static_cast<int32_t>(kv.second->views[m].pages.size());
   return total;
 }
 

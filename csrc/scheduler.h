@@ -5,6 +5,7 @@
 // decides what each view reads next (the SplitReason protocol needs text) and says so through
 // append / truncate / set_run; nothing here knows about tensors or text.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -69,15 +70,21 @@ enum CountField : int32_t {
   kNumCountFields = 5,
 };
 
+// Arguments are checked, and a rejected call changes nothing: a bad value (a negative count or
+// token id, a bad run state) throws std::invalid_argument, an unknown request id or a model
+// index out of range std::out_of_range.
 class Scheduler {
  public:
+  static constexpr int32_t kMaxModels = 32;  // held_models is a 32-bit mask
+
   explicit Scheduler(const SchedulerConfig& config);
 
   int32_t num_models() const { return static_cast<int32_t>(config_.page_tokens.size()); }
-  int32_t max_pages_per_seq(int32_t model) const { return max_pages_per_seq_.at(model); }
+  int32_t max_pages_per_seq(int32_t model) const { return max_pages_per_seq_[check_model(model)]; }
   const SchedulerConfig& config() const { return config_; }
 
-  // `views[m]` is model m's initial token stream (empty if unused), `runs[m]` its Run.
+  // `views[m]` is model m's initial token stream (empty if unused), `runs[m]` its Run. Ids are
+  // non-negative (-1 marks an empty row in the step arrays).
   void add_request(int64_t id, const std::vector<std::vector<int32_t>>& views, const std::vector<int32_t>& runs);
   // Plans one step and fills every model's buffers and counts row. Models whose bit is set in
   // `held_models` do not run this step: their views keep their pages and their place, and wait
@@ -95,7 +102,7 @@ class Scheduler {
   // Ends a request (finished, stopped, aborted); frees its pages. False if unknown.
   bool finish(int64_t id);
 
-  BatchBuffers& buffers(int32_t model) { return buffers_.at(model); }
+  BatchBuffers& buffers(int32_t model) { return buffers_[check_model(model)]; }
   std::vector<int32_t>& counts() { return counts_; }
 
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
@@ -106,6 +113,9 @@ class Scheduler {
   int64_t num_view_drops() const { return num_view_drops_; }
   bool has_request(int64_t id) const { return requests_.count(id) != 0; }
   const Request& request(int64_t id) const;
+  const View& view(int64_t id, int32_t model) const;
+  // `model` as an index, or std::out_of_range.
+  size_t check_model(int32_t model) const;
   // Throws std::logic_error when page ownership or queue membership is inconsistent.
   void check_invariants() const;
 
@@ -119,7 +129,7 @@ class Scheduler {
 
   bool reserve_pages(View& view, int32_t model, int32_t num_tokens);
   bool plan_foreground(Request* r, bool may_evict);
-  bool held(int32_t model) const { return (held_models_ >> model) & 1u; }
+  bool held(int32_t model) const { return (held_models_ >> model) & 1u; }  // model < kMaxModels
   void plan(Request* r, int32_t model, int32_t count, bool sample);
   bool make_room(const Request* r);
   // Takes a request's entries out of this step's plans and gives their tokens back to the budget.
@@ -128,8 +138,7 @@ class Scheduler {
   void preempt(Request* request);
   void release_views(Request* request);
   void fill(int32_t model, std::vector<Entry>& plan);
-  Request& lookup(int64_t id);
-  View& view_of(int64_t id, int32_t model);
+  View& view_of(int64_t id, int32_t model) { return const_cast<View&>(view(id, model)); }
 
   SchedulerConfig config_;
   std::vector<int32_t> max_pages_per_seq_;
