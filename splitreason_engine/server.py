@@ -25,6 +25,7 @@ from . import chat
 from .async_engine import AsyncEngine, Overloaded, Unavailable
 from .limits import ServerLimits
 from .outputs import RequestOutput
+from .requests import MODEL_NAMES
 from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Metrics:
         ]:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         lines += ["# HELP splitreason_kv_pages_used KV pages held, per model.", "# TYPE splitreason_kv_pages_used gauge"]
-        lines += [f'splitreason_kv_pages_used{{model="{m}"}} {n}' for m, n in zip(("small", "big"), snap.pages_held)]
+        lines += [f'splitreason_kv_pages_used{{model="{m}"}} {n}' for m, n in zip(MODEL_NAMES, snap.pages_held)]
         lines += ["# HELP splitreason_generated_tokens_total Tokens written, per model.",
                   "# TYPE splitreason_generated_tokens_total counter",
                   f'splitreason_generated_tokens_total{{model="small"}} {stats["small_tokens"]}',
@@ -114,7 +115,7 @@ class Metrics:
         lines += ["# HELP splitreason_model_steps_total Engine steps in which each model ran.",
                   "# TYPE splitreason_model_steps_total counter"]
         lines += [f'splitreason_model_steps_total{{model="{m}"}} {n}' for m, n in
-                  zip(("small", "big"), (stats["steps_small"], stats["steps_big"])) if n is not None]
+                  zip(MODEL_NAMES, (stats["steps_small"], stats["steps_big"])) if n is not None]
         for q in ("p50", "p99"):
             value = stats[f"big_wait_{q}_s"]
             lines += [f"# HELP splitreason_big_wait_{q}_seconds Wait before a big segment's first big step, {q}.",
