@@ -99,6 +99,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int32_t>(), py::arg("num_pages"))
       .def_property_readonly("num_pages", &sre::PageAllocator::num_pages)
       .def_property_readonly("num_free", &sre::PageAllocator::num_free)
+      .def_property_readonly("num_cached", &sre::PageAllocator::num_cached)
       .def("refcount", &sre::PageAllocator::refcount)
       .def("allocate",
            [](sre::PageAllocator& a, int32_t n) -> py::object {
@@ -107,21 +108,27 @@ PYBIND11_MODULE(_C, m) {
              return py::cast(pages);
            })
       .def("retain", &sre::PageAllocator::retain)
-      .def("release", &sre::PageAllocator::release);
+      .def("release", &sre::PageAllocator::release)
+      .def("lookup", &sre::PageAllocator::lookup, py::arg("hash"))
+      .def("publish", &sre::PageAllocator::publish, py::arg("page"), py::arg("hash"))
+      .def("unpublish", &sre::PageAllocator::unpublish, py::arg("page"))
+      .def("is_published", &sre::PageAllocator::is_published)
+      .def("check_invariants", &sre::PageAllocator::check_invariants);
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int32_t num_pages, int32_t max_num_seqs, int32_t max_num_batched_tokens,
-                       int32_t max_model_len, py::handle page_tokens) {
+                       int32_t max_model_len, py::handle page_tokens, bool prefix_caching) {
              sre::SchedulerConfig c;
              c.num_pages = num_pages;
              c.max_num_seqs = max_num_seqs;
              c.max_num_batched_tokens = max_num_batched_tokens;
              c.max_model_len = max_model_len;
              c.page_tokens = to_int32s(page_tokens, "page_tokens");
+             c.prefix_caching = prefix_caching;
              return std::make_unique<Scheduler>(c);
            }),
            py::arg("num_pages"), py::arg("max_num_seqs"), py::arg("max_num_batched_tokens"),
-           py::arg("max_model_len"), py::arg("page_tokens"))
+           py::arg("max_model_len"), py::arg("page_tokens"), py::arg("prefix_caching") = false)
       .def_property_readonly("num_models", &Scheduler::num_models)
       .def("max_pages_per_seq", &Scheduler::max_pages_per_seq)
       .def(
@@ -142,7 +149,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("id"), py::arg("model"), py::arg("tokens"))
       .def("truncate", &Scheduler::truncate, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
       .def("set_run", &Scheduler::set_run, py::arg("id"), py::arg("model"), py::arg("run"))
-      .def("finish", &Scheduler::finish, py::arg("id"))
+      .def("finish", &Scheduler::finish, py::arg("id"), py::arg("cache") = true,
+           "Ends a request; cache=False keeps the pages its last step computed out of the prefix cache")
       .def("buffers",
            [](py::object self, int32_t model) {
              auto& b = self.cast<Scheduler&>().buffers(model);
@@ -162,6 +170,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_free_pages", &Scheduler::num_free_pages)
+      .def_property_readonly("num_cached_pages", &Scheduler::num_cached_pages)
+      .def_property_readonly("prefix_caching", [](const Scheduler& s) { return s.config().prefix_caching; })
       .def_property_readonly("num_preemptions", &Scheduler::num_preemptions)
       .def_property_readonly("num_view_drops", &Scheduler::num_view_drops)
       .def("pages_held", &Scheduler::pages_held)
@@ -172,9 +182,9 @@ PYBIND11_MODULE(_C, m) {
       .def("view_stats",
            [](const Scheduler& s, int64_t id, int32_t model) {
              const sre::View& v = s.view(id, model);
-             return py::make_tuple(v.peak_pages, v.num_processed);
+             return py::make_tuple(v.peak_pages, v.num_processed, v.num_cached);
            },
-           "(peak pages held, tokens processed including recomputation) of one view")
+           "(peak pages held, tokens processed including recomputation, tokens taken from the prefix cache) of one view")
       .def("request_pages", [](const Scheduler& s, int64_t id, int32_t model) { return s.view(id, model).pages; })
       .def("request_tokens", [](const Scheduler& s, int64_t id, int32_t model) { return s.view(id, model).tokens; })
       .def("check_invariants", &Scheduler::check_invariants);

@@ -23,6 +23,25 @@ void check_run(int32_t run, const char* what) {
                                 " (0 idle, 1 foreground, 2 background)");
 }
 
+// splitmix64's finalizer: a bijection on 64 bits that spreads every input bit.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// The key of a full page: its tokens chained onto the key of the page before it (or, for the
+// first page, onto the model), so equal keys mean equal models and equal token prefixes, up to
+// 64-bit collisions (about n^2 / 2^65 for n cached pages).
+uint64_t page_hash(uint64_t parent, const int32_t* tokens, int32_t n) {
+  uint64_t h = mix(parent);
+  for (int32_t i = 0; i < n; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+  return h;
+}
+
+uint64_t chain_start(int32_t model) { return mix(0x5eedull + static_cast<uint64_t>(model)); }
+
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerConfig& config)
@@ -121,11 +140,84 @@ void Scheduler::truncate(int64_t id, int32_t model, int32_t num_tokens) {
   if (num_tokens < 0 || num_tokens > static_cast<int32_t>(view.tokens.size()))
     throw std::invalid_argument("truncate: " + std::to_string(num_tokens) + " is not within the view's " +
                                 std::to_string(view.tokens.size()) + " tokens");
+  const int32_t page_tokens = config_.page_tokens[model];
   view.tokens.resize(num_tokens);
   view.num_computed = std::min(view.num_computed, num_tokens);
-  const int32_t keep = ceil_div(view.num_computed, config_.page_tokens[model]);
-  for (size_t k = keep; k < view.pages.size(); ++k) allocator_.release(view.pages[k]);
-  view.pages.resize(std::min<size_t>(keep, view.pages.size()));
+  const size_t full = view.num_computed / page_tokens;
+  release_pages_from(view, ceil_div(view.num_computed, page_tokens));
+  view.page_hashes.resize(std::min(full, view.page_hashes.size()));
+  // The last page is now partial and will be written again: it must leave the cache, and if
+  // others read it too, this view recomputes its part of that page in a page of its own.
+  if (full < view.pages.size() && allocator_.is_published(view.pages[full])) {
+    if (allocator_.refcount(view.pages[full]) == 1) {
+      allocator_.unpublish(view.pages[full]);
+    } else {
+      release_pages_from(view, full);
+      view.num_computed = static_cast<int32_t>(full) * page_tokens;
+    }
+  }
+}
+
+void Scheduler::release_pages_from(View& view, size_t first) {
+  // Last page first: of a released chain, the cache evicts the tail before the head.
+  for (size_t k = view.pages.size(); k > first; --k) allocator_.release(view.pages[k - 1]);
+  view.pages.resize(std::min(first, view.pages.size()));
+}
+
+void Scheduler::publish_full_pages(View& view, int32_t model, int32_t num_tokens) {
+  const int32_t page_tokens = config_.page_tokens[model];
+  const size_t full = num_tokens / page_tokens;
+  while (view.page_hashes.size() < full) {
+    const size_t k = view.page_hashes.size();
+    const uint64_t parent = k == 0 ? chain_start(model) : view.page_hashes[k - 1];
+    const uint64_t hash = page_hash(parent, view.tokens.data() + k * page_tokens, page_tokens);
+    allocator_.publish(view.pages[k], hash);  // false: another request computes the same page
+    view.page_hashes.push_back(hash);
+  }
+}
+
+void Scheduler::share_pages(Entry& e, View& view, int32_t model) {
+  const int32_t page_tokens = config_.page_tokens[model];
+  // Full pages an earlier entry of this batch computes (published just now) replace this entry's
+  // fresh ones: the model stores every token's KV before any attention reads it. Two tokens stay,
+  // so that the entry remains a prefill.
+  while (e.count > page_tokens + 1 && e.start % page_tokens == 0 &&
+         view.page_hashes.size() == static_cast<size_t>(e.start / page_tokens)) {
+    const size_t k = e.start / page_tokens;
+    const uint64_t parent = k == 0 ? chain_start(model) : view.page_hashes[k - 1];
+    const uint64_t hash = page_hash(parent, view.tokens.data() + e.start, page_tokens);
+    const int32_t page = allocator_.lookup(hash);
+    if (page < 0) break;
+    allocator_.release(view.pages[k]);  // reserved for this step, never written
+    view.pages[k] = page;
+    view.page_hashes.push_back(hash);
+    e.start += page_tokens;
+    e.count -= page_tokens;
+    view.num_cached += page_tokens;
+  }
+  // Then this entry's own full pages become findable, for later entries and later steps. A step
+  // that fails takes them out again (finish with cache=false).
+  publish_full_pages(view, model, e.start + e.count);
+}
+
+void Scheduler::attach_cached(View& view, int32_t model) {
+  const int32_t page_tokens = config_.page_tokens[model];
+  const size_t full = view.num_computed / page_tokens;
+  if (!config_.prefix_caching || view.num_computed % page_tokens != 0 || view.pages.size() != full ||
+      view.page_hashes.size() != full)
+    return;
+  // One token at least stays to compute: its logits are what the step is for.
+  while (view.num_computed + page_tokens < static_cast<int32_t>(view.tokens.size())) {
+    const uint64_t parent = view.page_hashes.empty() ? chain_start(model) : view.page_hashes.back();
+    const uint64_t hash = page_hash(parent, view.tokens.data() + view.num_computed, page_tokens);
+    const int32_t page = allocator_.lookup(hash);
+    if (page < 0) break;
+    view.pages.push_back(page);
+    view.page_hashes.push_back(hash);
+    view.num_computed += page_tokens;
+    view.num_cached += page_tokens;
+  }
+  view.peak_pages = std::max(view.peak_pages, static_cast<int32_t>(view.pages.size()));
 }
 
 void Scheduler::set_run(int64_t id, int32_t model, int32_t run) {
@@ -142,8 +234,8 @@ bool Scheduler::reserve_pages(View& view, int32_t model, int32_t num_tokens) {
 }
 
 void Scheduler::drop_view(View& view) {
-  for (int32_t page : view.pages) allocator_.release(page);
-  view.pages.clear();
+  release_pages_from(view, 0);
+  view.page_hashes.clear();
   view.num_computed = 0;
 }
 
@@ -195,6 +287,7 @@ bool Scheduler::plan_foreground(Request* r, bool may_evict) {
   for (int32_t m = 0; m < num_models(); ++m) {
     View& view = r->views[m];
     if (view.run != Run::kForeground || held(m)) continue;
+    attach_cached(view, m);
     const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
     const int32_t count = std::min(pending, budget_[m]);
     if (count == 0) continue;
@@ -242,12 +335,14 @@ void Scheduler::schedule(uint32_t held_models) {
     running_.push_back(r);
   }
 
-  // Background catch-up with whatever budget and pages are left; it never evicts.
+  // Background catch-up with whatever budget and pages are left; it never drops views or preempts.
   for (Request* r : running_)
     for (int32_t m = 0; m < num_models(); ++m) {
       View& view = r->views[m];
+      if (view.run != Run::kBackground || held(m)) continue;
+      attach_cached(view, m);
       const int32_t count = std::min(static_cast<int32_t>(view.tokens.size()) - view.num_computed, budget_[m]);
-      if (view.run == Run::kBackground && !held(m) && count > 0 && reserve_pages(view, m, view.num_computed + count))
+      if (count > 0 && reserve_pages(view, m, view.num_computed + count))
         plan(r, m, count, /*sample=*/false);
     }
 
@@ -265,8 +360,9 @@ void Scheduler::fill(int32_t model, std::vector<Entry>& plan) {
 
   int32_t num_tokens = 0, num_samples = 0;
   for (size_t j = 0; j < plan.size(); ++j) {
-    const Entry& e = plan[j];
+    Entry& e = plan[j];
     View& view = e.request->views[model];
+    if (config_.prefix_caching) share_pages(e, view, model);
     const int32_t* pages = view.pages.data();
     b.query_start_loc[j] = num_tokens;
     std::memcpy(&b.input_ids[num_tokens], view.tokens.data() + e.start, sizeof(int32_t) * e.count);
@@ -300,10 +396,13 @@ void Scheduler::fill(int32_t model, std::vector<Entry>& plan) {
   counts[kMaxPages] = width;
 }
 
-bool Scheduler::finish(int64_t id) {
+bool Scheduler::finish(int64_t id, bool cache) {
   auto it = requests_.find(id);
   if (it == requests_.end()) return false;
   Request* r = it->second.get();
+  if (!cache)
+    for (const View& view : r->views)
+      for (int32_t page : view.pages) allocator_.unpublish(page);
   release_views(r);
   if (r->status == Status::kRunning)
     running_.erase(std::find(running_.begin(), running_.end(), r));
@@ -350,6 +449,7 @@ const Request& Scheduler::request(int64_t id) const {
 }
 
 void Scheduler::check_invariants() const {
+  allocator_.check_invariants();
   std::vector<int32_t> holders(allocator_.num_pages(), 0);
   int32_t held_pages = 0;
   for (const auto& kv : requests_) {
@@ -362,10 +462,16 @@ void Scheduler::check_invariants() const {
         throw std::logic_error("request " + std::to_string(r.id) + " computed past its tokens");
       if (r.status == Status::kWaiting && !v.pages.empty())
         throw std::logic_error("waiting request " + std::to_string(r.id) + " holds pages");
-      for (int32_t page : v.pages) {
-        ++holders[page];
-        ++held_pages;
-      }
+      // A page this view will still write (partial, or past its computed tokens) is nobody else's.
+      for (size_t k = v.num_computed / config_.page_tokens[m]; k < v.pages.size(); ++k)
+        if (allocator_.is_published(v.pages[k]))
+          throw std::logic_error("request " + std::to_string(r.id) + " will write into cached page " +
+                                 std::to_string(v.pages[k]));
+      const size_t full = v.num_computed / config_.page_tokens[m];
+      if (config_.prefix_caching ? v.page_hashes.size() != full : !v.page_hashes.empty())
+        throw std::logic_error("request " + std::to_string(r.id) + " has " + std::to_string(v.page_hashes.size()) +
+                               " page hashes for " + std::to_string(full) + " full computed pages");
+      for (int32_t page : v.pages) held_pages += holders[page]++ == 0;  // shared pages count once
     }
   }
   for (int32_t p = 0; p < allocator_.num_pages(); ++p)

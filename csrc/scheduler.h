@@ -31,6 +31,8 @@ struct SchedulerConfig {
   int32_t max_num_batched_tokens = 0;  // per model batch
   int32_t max_model_len = 0;
   std::vector<int32_t> page_tokens;  // tokens of each model that fit in one page
+  // Full pages of KV are kept and shared across requests, keyed by a hash chain of their tokens.
+  bool prefix_caching = false;
 };
 
 // One model's view of a request: the tokens it reads, and the KV pages of those it has computed.
@@ -41,6 +43,10 @@ struct View {
   Run run = Run::kIdle;
   int32_t peak_pages = 0;
   int64_t num_processed = 0;  // tokens run through the model, recomputation included
+  // Prefix caching: the chain hash of each leading full page of computed tokens, and the tokens
+  // whose KV came from the cache instead of the model (counted again after a preemption).
+  std::vector<uint64_t> page_hashes;
+  int64_t num_cached = 0;
 };
 
 struct Request {
@@ -99,15 +105,18 @@ class Scheduler {
   // Rollback: keeps the first `num_tokens` tokens of a view and frees KV pages past them.
   void truncate(int64_t id, int32_t model, int32_t num_tokens);
   void set_run(int64_t id, int32_t model, int32_t run);
-  // Ends a request (finished, stopped, aborted); frees its pages. False if unknown.
-  bool finish(int64_t id);
+  // Ends a request (finished, stopped, aborted); frees its pages, which stay in the prefix cache
+  // unless `cache` is false: a request that failed takes its pages out (its last step may not have
+  // computed them). False if unknown.
+  bool finish(int64_t id, bool cache = true);
 
   BatchBuffers& buffers(int32_t model) { return buffers_[check_model(model)]; }
   std::vector<int32_t>& counts() { return counts_; }
 
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
-  int32_t num_free_pages() const { return allocator_.num_free(); }
+  int32_t num_free_pages() const { return allocator_.num_free(); }  // cached pages nobody holds included
+  int32_t num_cached_pages() const { return allocator_.num_cached(); }
   int32_t pages_held(int32_t model) const;
   int64_t num_preemptions() const { return num_preemptions_; }
   int64_t num_view_drops() const { return num_view_drops_; }
@@ -135,6 +144,14 @@ class Scheduler {
   // Takes a request's entries out of this step's plans and gives their tokens back to the budget.
   void unplan(const Request* r);
   void drop_view(View& view);
+  // Prefix caching: publishes the view's full pages of its first `num_tokens` tokens not yet
+  // published; takes the cached pages that continue its computed prefix (always leaving one token
+  // to compute); and, at fill time, swaps an entry's fresh pages for the pages an earlier entry of
+  // the same batch computes.
+  void publish_full_pages(View& view, int32_t model, int32_t num_tokens);
+  void attach_cached(View& view, int32_t model);
+  void share_pages(Entry& e, View& view, int32_t model);
+  void release_pages_from(View& view, size_t first);
   void preempt(Request* request);
   void release_views(Request* request);
   void fill(int32_t model, std::vector<Entry>& plan);

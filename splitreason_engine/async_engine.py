@@ -57,6 +57,7 @@ class Snapshot:
     waiting: int = 0
     pages_held: tuple = ()
     free_pages: int = 0
+    cached_pages: int = 0
 
 
 class AsyncEngine:
@@ -228,4 +229,4 @@ class AsyncEngine:
     def _snapshot(self) -> None:
         s = self.engine.scheduler
         self.snapshot = Snapshot(s.num_running, s.num_waiting, tuple(s.pages_held(m) for m in range(s.num_models)),
-                                 s.num_free_pages)
+                                 s.num_free_pages, s.num_cached_pages)

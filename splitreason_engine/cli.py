@@ -59,6 +59,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(default: T_big / (T_small + T_big) from the step costs)")
     g.add_argument("--step-costs", type=Path, metavar="JSON",
                    help="calibration file of per-model step costs (default: timed at start-up)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full instead of reusing the KV of full pages that earlier "
+                        "requests computed for the same leading tokens")
 
 
 def add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -182,7 +185,7 @@ def engine_from_args(args) -> Engine:
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
                   kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
+                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs, prefix_caching=args.prefix_caching,
                   coschedule=args.coschedule, max_big_wait_steps=args.max_big_wait_steps,
                   gather_min_share=args.gather_min_share,
                   max_big_wait_s=None if args.max_big_wait_ms is None else args.max_big_wait_ms / 1e3,

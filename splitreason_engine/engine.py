@@ -61,7 +61,9 @@ class Engine:
     model catches up at each handoff) or "eager" (in the background, with spare batch budget).
     `kernels`: "auto" (the Triton kernels on CUDA, the PyTorch ops on CPU), "torch" or "triton"
     (on CPU only in Triton's interpreter). `cuda_graphs` (default: on for CUDA with the Triton
-    kernels) replays decode-only steps from CUDA graphs, one per batch-size bucket.
+    kernels) replays decode-only steps from CUDA graphs, one per batch-size bucket. `prefix_caching`:
+    full pages of KV stay in the pool after their request and serve later requests (in either
+    model) that start with the same tokens, until the pool needs the pages (least recently used first).
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
@@ -73,7 +75,7 @@ class Engine:
                  kernels: str = "auto", cuda_graphs: "bool | None" = None, coschedule: str = "auto",
                  max_big_wait_steps: "int | None" = None, max_big_wait_s: "float | None" = None,
                  gather_min_share: "float | None" = None, step_costs: "str | Path | StepCosts | None" = None,
-                 clock=None, progress: bool = True):
+                 prefix_caching: bool = True, clock=None, progress: bool = True):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
@@ -122,7 +124,7 @@ class Engine:
         self.pool = self._build_pool(configs, page_tokens, kv_cache_bytes, kv_cache_memory_fraction)
         logger.info("KV pool: %s", self.pool.describe())
         self.scheduler = _C.Scheduler(self.pool.num_pages, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                      [g.page_tokens for g in self.pool.geometries])
+                                      [g.page_tokens for g in self.pool.geometries], prefix_caching=prefix_caching)
         eos = {t for c in configs for t in c.eos_token_ids} | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.eos_token_ids = sorted(eos)
         # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.

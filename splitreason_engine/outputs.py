@@ -26,6 +26,7 @@ class RequestMetrics:
     handoff_latencies: list[float] = field(default_factory=list)  # each handoff: tag sampled -> first big token
     big_waits: list[float] = field(default_factory=list)  # each handoff: tag sampled -> the big model first runs for it
     peak_pages: list[int] = field(default_factory=lambda: [0, 0])  # most KV pages held at once, per model
+    cached_tokens: list[int] = field(default_factory=lambda: [0, 0])  # KV taken from the prefix cache, per model
 
     @property
     def time_to_first_token(self) -> "float | None":

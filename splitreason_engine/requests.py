@@ -117,18 +117,20 @@ class RequestBook:
         logger.warning("request %d failed: %s", req.id, message)
         counted = req.finish_reason is not None  # it had finished when the failure surfaced
         if req.id in self.live:
-            self._release(req)
+            self._release(req, cache=False)  # the KV of its last step may be what broke
         req.finish_reason, req.error = "error", message
         if counted:
             self.stats.errors += 1
         else:
             self._close(req, now)
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, cache: bool = True) -> None:
+        """Frees the request's pages; with `cache`, the full ones stay in the prefix cache."""
         m = req.metrics
         for model in range(self.num_models):
-            m.peak_pages[model], m.tokens_processed[model] = self.scheduler.view_stats(req.id, model)
-        self.scheduler.finish(req.id)
+            m.peak_pages[model], m.tokens_processed[model], m.cached_tokens[model] = self.scheduler.view_stats(
+                req.id, model)
+        self.scheduler.finish(req.id, cache)
         del self.live[req.id]
 
     def _close(self, req: Request, now: float) -> None:

@@ -90,6 +90,8 @@ class Metrics:
             ("splitreason_requests_waiting", "gauge", "Requests waiting.", snap.waiting),
             ("splitreason_kv_pages_free", "gauge", "KV pages free.", snap.free_pages),
             ("splitreason_kv_pages_total", "gauge", "KV pages in the shared pool.", engine.engine.pool.num_pages),
+            ("splitreason_kv_pages_cached", "gauge", "KV pages nobody holds that keep reusable prefix KV "
+             "(counted in kv_pages_free too: evicted when needed).", snap.cached_pages),
             ("splitreason_requests_finished_total", "counter", "Requests finished.", stats["requests"]),
             ("splitreason_requests_failed_total", "counter", "Requests that failed inside the engine "
              "(finish_reason error).", stats["errors"]),
@@ -112,6 +114,11 @@ class Metrics:
                   "# TYPE splitreason_generated_tokens_total counter",
                   f'splitreason_generated_tokens_total{{model="small"}} {stats["small_tokens"]}',
                   f'splitreason_generated_tokens_total{{model="big"}} {stats["big_tokens"]}']
+        lines += ["# HELP splitreason_prefix_cache_hit_tokens_total Tokens whose KV came from the prefix cache, per model.",
+                  "# TYPE splitreason_prefix_cache_hit_tokens_total counter"]
+        lines += [f'splitreason_prefix_cache_hit_tokens_total{{model="{m}"}} {n}' for m, n in
+                  zip(MODEL_NAMES, (stats["prefix_cache_hit_tokens_small"], stats["prefix_cache_hit_tokens_big"]))
+                  if n is not None]
         lines += ["# HELP splitreason_model_steps_total Engine steps in which each model ran.",
                   "# TYPE splitreason_model_steps_total counter"]
         lines += [f'splitreason_model_steps_total{{model="{m}"}} {n}' for m, n in
@@ -179,7 +186,10 @@ def _usage(out: RequestOutput) -> dict:
     usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
              "total_tokens": len(out.prompt_token_ids) + len(out.token_ids)}
     if m is not None:
+        # The prompt's model: the small one, unless the big one answers alone.
+        usage["prompt_tokens_details"] = {"cached_tokens": m.cached_tokens[1 if m.mode == "big" else 0]}
         usage.update(small_tokens=m.small_tokens, big_tokens=m.big_tokens, offload_fraction=m.offload_fraction,
+                     small_cached_tokens=m.cached_tokens[0], big_cached_tokens=m.cached_tokens[1],
                      handoffs=m.handoffs, mode=m.mode, latency_per_offloaded_token_s=m.latency_per_offloaded_token)
     return usage
 

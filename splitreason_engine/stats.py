@@ -19,6 +19,7 @@ class EngineStats:
     rolled_back_tokens: int = 0
     catch_up_tokens: list[int] = field(default_factory=lambda: [0, 0])
     tokens_processed: list[int] = field(default_factory=lambda: [0, 0])
+    cached_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prefix-cache hits: KV not computed
     handoff_latencies: list[float] = field(default_factory=list)
     offloaded_time: float = 0.0  # catch-up plus big-segment wall time, summed over requests
     model_time: list[float] = field(default_factory=lambda: [0.0, 0.0])  # forward + sampling seconds
@@ -45,6 +46,7 @@ class EngineStats:
         for i in range(2):
             self.catch_up_tokens[i] += m.catch_up_tokens[i]
             self.tokens_processed[i] += m.tokens_processed[i]
+            self.cached_tokens[i] += m.cached_tokens[i]
         self.handoff_latencies += m.handoff_latencies
         self.big_waits += m.big_waits
         self.offloaded_time += m.catch_up_time + m.big_time
@@ -73,6 +75,11 @@ class EngineStats:
             "tokens_processed_small": self.tokens_processed[0],
             "tokens_processed_big": self.tokens_processed[1],
             "rolled_back_tokens": self.rolled_back_tokens,
+            "prefix_cache_hit_tokens_small": self.cached_tokens[0],
+            "prefix_cache_hit_tokens_big": self.cached_tokens[1] if self.num_models > 1 else None,
+            "prefix_cache_hit_rate_small": _share(self.cached_tokens[0], self.tokens_processed[0]),
+            "prefix_cache_hit_rate_big": (_share(self.cached_tokens[1], self.tokens_processed[1])
+                                          if self.num_models > 1 else None),
             "handoff_latency_mean_s": sum(lat) / len(lat) if lat else None,
             "handoff_latency_p50_s": lat[len(lat) // 2] if lat else None,
             "latency_per_offloaded_token_s": self.offloaded_time / self.big_tokens if self.big_tokens else None,
@@ -90,6 +97,11 @@ class EngineStats:
             "jit_compiles_after_startup": self.jit_compiles_after_startup,
             "warmup_s": self.warmup_s,
         }
+
+
+def _share(cached: int, processed: int) -> "float | None":
+    """Of the tokens whose KV a model needed, the share taken from the prefix cache."""
+    return cached / (cached + processed) if cached + processed else None
 
 
 def quantile(sorted_values: list[float], q: float) -> "float | None":

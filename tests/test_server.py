@@ -96,7 +96,13 @@ def test_completions_streamed_equals_not_streamed_and_usage_has_offload(server):
     assert usage["small_tokens"] + usage["big_tokens"] == usage["completion_tokens"]
     timing = "latency_per_offloaded_token_s"
     assert usage[timing] > 0
-    assert {k: v for k, v in chunks[-1]["usage"].items() if k != timing} == {k: v for k, v in usage.items() if k != timing}
+    # The second run of the prompt finds its full pages in the prefix cache: fewer tokens computed.
+    cache = ("prompt_tokens_details", "small_cached_tokens", "big_cached_tokens")
+    streamed = chunks[-1]["usage"]
+    assert streamed["prompt_tokens_details"]["cached_tokens"] == streamed["small_cached_tokens"] > 0
+    assert server.metric('splitreason_prefix_cache_hit_tokens_total{model="small"}') >= streamed["small_cached_tokens"]
+    assert {k: v for k, v in streamed.items() if k not in (timing, *cache)} == {
+        k: v for k, v in usage.items() if k not in (timing, *cache)}
 
 
 def test_openai_client_completions_and_chat(server):
