@@ -2,13 +2,14 @@
 against the memory-bandwidth floor, all in one run on one card.
 
 Both contenders run random (dummy) weights at the DeepSeek-R1-Distill-Qwen shapes (1.5B, 14B, 32B;
-configs written from DESIGN.md into a temp folder), bf16, batch 1, a ~3500-token random prompt and
+configs written from DESIGN.md into a temp folder), or, when named, R1-Distill-Llama-8B and Qwen3-8B
+(the configs shipped in splitreason_engine/configs/), bf16, batch 1, a ~3500-token random prompt and
 128 generated tokens (ignore_eos). One model at a time; memory is freed in between.
 
 - Engine: CUDA graphs for decode, the Triton kernels (kernels="auto"). Decode tok/s =
   (generated - 1) / (finished_time - first_token_time) from the request's metrics: the prefill is
   outside it. Best of --repeats, after a warm-up run of the same prompt length.
-- Hugging Face: Qwen2ForCausalLM built from the same config straight on the GPU in bf16 (random
+- Hugging Face: the family's *ForCausalLM built from the same config straight on the GPU in bf16 (random
   normal(0, 0.02) weights, unit norms), attn_implementation="sdpa", the default dynamic cache.
   Decode tok/s = 128 / (time of generate(129 new tokens) - time of generate(1 new token)), each the
   best of --repeats: the difference is 128 decode steps, prefill excluded.
@@ -32,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -46,6 +48,13 @@ from gpu_kernels import card_info, device_and_dtype  # noqa: E402
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
 from splitreason_engine.kernels.ops import KERNEL_CHOICES  # noqa: E402
 
+
+def shipped(name: str) -> dict:
+    """A config shipped in splitreason_engine/configs/, without special tokens (HF must not stop at EOS)."""
+    raw = json.loads((resources.files("splitreason_engine") / "configs" / name / "config.json").read_text())
+    return dict(raw, bos_token_id=None, eos_token_id=None)
+
+
 BASE = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192,
             rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", use_sliding_window=False,
             bos_token_id=None, eos_token_id=None, torch_dtype="bfloat16")
@@ -56,6 +65,8 @@ MODELS = {
                 intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
     "32B": dict(num_hidden_layers=64, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
                 intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
+    "llama-8B": shipped("r1-distill-llama-8b"),
+    "qwen3-8B": shipped("qwen3-8b"),
     "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
 }
@@ -79,7 +90,7 @@ def write_config(folder: Path, name: str, cfg: dict) -> Path:
 
 
 def head_dim(cfg: dict) -> int:
-    return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
 def kv_bytes_per_token(cfg: dict, elem: int) -> int:
@@ -138,16 +149,16 @@ def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: 
 
 
 def build_hf(cfg: dict, device: torch.device, dtype: torch.dtype):
-    """Qwen2ForCausalLM made directly on the device in `dtype` (no CPU copy of the weights), random."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """The family's HF model made directly on the device in `dtype` (no CPU copy of the weights), random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in cfg.items() if k not in ("model_type", "torch_dtype")}
-    config = Qwen2Config(**fields, attn_implementation="sdpa")
+    config = AutoConfig.for_model(cfg["model_type"], **fields, attn_implementation="sdpa")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the rotary inv_freq is built in fp32 explicitly, so it stays fp32
     try:
         with torch.device(device):
-            model = Qwen2ForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     g = torch.Generator(device=device).manual_seed(0)
@@ -218,7 +229,7 @@ def pick_models(requested: "list[str] | None", smoke: bool, total_bytes: "int | 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
-    p.add_argument("--models", nargs="+", choices=["1.5B", "14B", "32B"],
+    p.add_argument("--models", nargs="+", choices=[m for m in MODELS if m != "tiny"],
                    help="models to run (default: 1.5B and 32B on a card of > 100 GB, else 1.5B and 14B)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 3500; smoke 40)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default: 128; smoke 6)")

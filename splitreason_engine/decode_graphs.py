@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models.qwen2 import AttentionBatch, Qwen2ForCausalLM
+from .models import AttentionBatch, CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def buckets_for(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Qwen2ForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  max_batch: int, block_table_width: int, device: torch.device, capture: bool = True):
         self.model, self.kv_caches, self.capture = model, kv_caches, capture
         self.max_batch = n = min(max_batch, MAX_GRAPH_BATCH)

@@ -11,12 +11,12 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .kernels.ops import TORCH_OPS, Ops
-from .models.qwen2 import Qwen2ForCausalLM
+from .models import CausalLM
 
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-# Projections computed as one matmul but stored as separate checkpoint tensors, in row order.
+# Projections computed as one matmul but stored as separate checkpoint tensors (weights and biases), in row order.
 _PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _FUSED = {part: (fused, i) for fused, parts in _PARTS.items() for i, part in enumerate(parts)}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -67,7 +67,7 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _target(model: Qwen2ForCausalLM, name: str) -> tuple[torch.Tensor, int, str]:
+def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int, str]:
     """The parameter a checkpoint tensor goes into, its shard index (-1: whole), and its own name."""
     own = name.removeprefix("model.")
     parts = own.split(".")
@@ -78,7 +78,7 @@ def _target(model: Qwen2ForCausalLM, name: str) -> tuple[torch.Tensor, int, str]
     return model.get_parameter(own), -1, own
 
 
-def _shard_slice(model: Qwen2ForCausalLM, param_name: str, shard: int) -> slice:
+def _shard_slice(model: CausalLM, param_name: str, shard: int) -> slice:
     c = model.config
     if "qkv_proj" in param_name:
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -88,7 +88,7 @@ def _shard_slice(model: Qwen2ForCausalLM, param_name: str, shard: int) -> slice:
     return slice(bounds[shard], bounds[shard + 1])
 
 
-def _checkpoint_names(model: Qwen2ForCausalLM) -> list[str]:
+def _checkpoint_names(model: CausalLM) -> list[str]:
     """Every tensor name a checkpoint must hold for `model` (without "model."), fused ones split."""
     names = []
     for name, _ in model.named_parameters():
@@ -100,7 +100,7 @@ def _checkpoint_names(model: Qwen2ForCausalLM) -> list[str]:
     return names
 
 
-def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -> None:
+def load_weights(model: CausalLM, folder: Path, progress: bool = True) -> None:
     """Copies every tensor of the checkpoint into `model`, checking names and shapes."""
     files = _weight_files(folder)
     loaded: set[str] = set()  # checkpoint names, without the "model." prefix
@@ -123,7 +123,8 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -
                 try:
                     param, shard, own = _target(model, name)
                 except AttributeError:
-                    raise ValueError(f"{file.name}: unexpected tensor {name!r} for a Qwen2 model") from None
+                    raise ValueError(f"{file.name}: unexpected tensor {name!r} for a {model.config.family} model "
+                                     "with this config.json") from None
                 dest = param.data if shard < 0 else param.data[_shard_slice(model, own, shard)]
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(dest.shape):
@@ -140,25 +141,25 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, progress: bool = True) -
                          + (" ..." if len(missing) > 8 else ""))
 
 
-def init_dummy_weights(model: Qwen2ForCausalLM, seed: int, std: float = 0.02, progress: bool = True) -> None:
+def init_dummy_weights(model: CausalLM, seed: int, std: float = 0.02, progress: bool = True) -> None:
     """Random weights at the real shapes, drawn on the model's device (the same seed gives the same
-    weights on the same kind of device): normal(0, std) matrices and biases, unit norms."""
+    weights on the same kind of device): normal(0, std) matrices and biases, unit norms (q/k norms too)."""
     params = list(model.named_parameters())
     g = torch.Generator(device=params[0][1].device).manual_seed(seed)
     for name, p in tqdm(params, desc="random weights", unit="tensor", disable=not progress):
-        if name.endswith("layernorm.weight") or name == "norm.weight":
+        if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         else:
             p.data.normal_(0.0, std, generator=g)
 
 
 def build_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int = 0, progress: bool = True, ops: Ops = TORCH_OPS) -> Qwen2ForCausalLM:
+                max_positions: int, seed: int = 0, progress: bool = True, ops: Ops = TORCH_OPS) -> CausalLM:
     """`config` is load_config(source), read once by the caller; `ops` is the op set its steps run."""
     if source.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {source.load_format!r}")
     with torch.device("meta"):  # no time spent on initialisations that get overwritten
-        model = Qwen2ForCausalLM(config, max_positions, ops).to(dtype)
+        model = CausalLM(config, max_positions, ops).to(dtype)
     model = model.to_empty(device=device)
     model.tie_weights()
     if source.load_format == "dummy":

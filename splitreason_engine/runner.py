@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .decode_graphs import DecodeGraphs
-from .models.qwen2 import AttentionBatch, Qwen2ForCausalLM
+from .models import AttentionBatch, CausalLM
 
 # The step's arrays in the order they are packed (each region starts on a 16-byte boundary).
 _PACKED = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "logits_indices", "block_tables")
@@ -29,7 +29,7 @@ def stages(device: torch.device) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2ForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  buffers: dict[str, np.ndarray], block_table_stride: int, device: torch.device,
                  graphs: "DecodeGraphs | None" = None):
         self.model, self.kv_caches, self.device = model, kv_caches, device

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.qwen2 import AttentionBatch
+from .models import AttentionBatch
 
 logger = logging.getLogger(__name__)
 

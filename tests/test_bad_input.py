@@ -167,7 +167,7 @@ def test_corrupt_or_truncated_safetensors(checkpoint, tmp_path, how):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (dict(architectures=["LlamaForCausalLM"], model_type="llama"), "unsupported architecture"),
+    (dict(architectures=["GemmaForCausalLM"], model_type="gemma"), "unsupported architecture"),
     (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "unsupported architecture"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope scaling"),
     (dict(rope_parameters=None, rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0}),  # v4 style

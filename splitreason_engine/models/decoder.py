@@ -1,5 +1,7 @@
-"""Qwen2 decoder (R1-Distill-Qwen 1.5B-32B, QwQ-32B) over the shared paged KV pool.
+"""The one decoder every supported family runs (Qwen2, Llama, Qwen3) over the shared paged KV pool.
 
+The families differ only in switches read from config.json (ModelConfig): q/k/v and o biases, MLP
+biases, Qwen3's RMSNorm on each q and k head, and Llama-3's RoPE scaling (in the rotary table).
 q/k/v and gate/up projections are fused into one matmul each; the loader splits checkpoint
 tensors into them. Attention reads and writes the model's own view of the pool. Norms, RoPE + KV
 store, attention and the activation come from the engine's op set (kernels.ops): the PyTorch
@@ -52,8 +54,10 @@ class Attention(nn.Module):
         self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
-        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=c.o_bias)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops) if c.qk_norm else None
         self.scale = c.head_dim ** -0.5
 
     def forward(self, x, batch: AttentionBatch, rope, k_cache, v_cache):
@@ -61,6 +65,9 @@ class Attention(nn.Module):
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # each head over head_dim, before RoPE (Qwen3)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         ops = self.ops
         q, _ = ops.rope_store_kv(qk, v, rope, k_cache, v_cache, batch.slot_mapping)
         d = batch.num_decodes
@@ -80,8 +87,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig, ops: Ops):
         super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.ops = ops
 
     def forward(self, x):
@@ -106,7 +113,9 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class Qwen2ForCausalLM(nn.Module):
+class CausalLM(nn.Module):
+    """Parameter names are the checkpoint's without "model." (q/k/v and gate/up fused)."""
+
     def __init__(self, c: ModelConfig, max_positions: int, ops: Ops = TORCH_OPS):
         super().__init__()
         self.config = c
@@ -124,8 +133,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     def init_rope(self) -> None:
         """Builds the rotary table once the model is on its device and dtype."""
-        w = self.embed_tokens.weight
-        self.cos_sin = rope_cos_sin(self.config.head_dim, self.max_positions, self.config.rope_theta, w.dtype, w.device)
+        w, c = self.embed_tokens.weight, self.config
+        self.cos_sin = rope_cos_sin(c.head_dim, self.max_positions, c.rope_theta, w.dtype, w.device, c.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
