@@ -333,6 +333,12 @@ void Scheduler::schedule(uint32_t held_models) {
     it = waiting_.erase(it);
     r->status = Status::kRunning;
     running_.push_back(r);
+    // Nothing unplans an admitted request, so the full pages this step computes for it can be
+    // found already by the requests admitted after it (they then need less of the budget).
+    if (config_.prefix_caching)
+      for (int32_t m = 0; m < num_models(); ++m)
+        if (!plans_[m].empty() && plans_[m].back().request == r)
+          publish_full_pages(r->views[m], m, plans_[m].back().start + plans_[m].back().count);
   }
 
   // Background catch-up with whatever budget and pages are left; it never drops views or preempts.

@@ -341,6 +341,11 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
     @v1.post("/completions")
     async def completions(request: Request):
         body = await read_body(request)
+        # Prompt log-probabilities (what loglikelihood evaluations ask for) are not computed:
+        # refusing says so, where answering "logprobs": null would break the client later.
+        for field in ("echo", "logprobs"):
+            if body.get(field) not in (None, False, 0):
+                raise ApiError(400, f"{field} is not supported: this server returns no log-probabilities", field)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]

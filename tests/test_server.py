@@ -213,6 +213,8 @@ def test_a_client_that_disconnects_gets_its_pages_freed(server):
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "hi " * 400}, 400, "prompt"),  # longer than max_model_len 512
     ("/v1/completions", {"prompt": "hi " * 400, "stream": True}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "max_tokens": 1}, 400, "echo"),  # loglikelihood evaluation
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
 ])
