@@ -18,28 +18,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitreason_engine import _C
-from test_scheduler import BG, FG, IDLE, VOCAB, MirrorView, Tracked, Workload, _protocol_moves, workloads
+from test_scheduler import FG, VOCAB, Driver, MirrorView, Tracked, Workload, _protocol_moves, workloads
 
 
-class CacheDriver:
-    """Runs a prefix-caching Scheduler and checks what its batches would read."""
+class CacheDriver(Driver):
+    """Runs a prefix-caching Scheduler and checks what its batches would read (the base class's
+    checks assume no page is shared, so the calls that run them are replaced)."""
 
     def __init__(self, num_pages: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  page_tokens: list[int]) -> None:
-        self.s = _C.Scheduler(num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, page_tokens,
-                              prefix_caching=True)
-        self.num_pages, self.max_num_seqs, self.max_model_len = num_pages, max_num_seqs, max_model_len
-        self.page_tokens = page_tokens
-        self.live: dict[int, Tracked] = {}
-        self.finished: set[int] = set()
+        super().__init__(num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, page_tokens,
+                         prefix_caching=True)
         self.prefixes: dict[tuple, int] = {}  # token prefix -> identity
         # slots[m][page * page_tokens + offset]: the prefix identity written there (-1: never written)
         self.slots = [np.full(num_pages * pt, -1, dtype=np.int64) for pt in page_tokens]
-        self.cached_tokens = 0
-
-    @property
-    def num_models(self) -> int:
-        return len(self.page_tokens)
 
     def identity(self, tokens: list[int], end: int) -> int:
         return self.prefixes.setdefault(tuple(tokens[:end]), len(self.prefixes))
@@ -51,16 +43,10 @@ class CacheDriver:
         self.live[rid] = Tracked(views, max_tokens)
 
     def finish(self, rid: int, cache: bool = True) -> None:
-        if rid in self.live:
-            self.cached_tokens += sum(self.s.view_stats(rid, m)[2] for m in range(self.num_models))
         assert self.s.finish(rid, cache) == (rid in self.live)
         if self.live.pop(rid, None) is not None:
             self.finished.add(rid)
         self.s.check_invariants()
-
-    def append(self, rid: int, m: int, tokens: list[int]) -> None:
-        self.s.append(rid, m, tokens)
-        self.live[rid].views[m].tokens += tokens
 
     def truncate(self, rid: int, m: int, n: int) -> None:
         self.s.truncate(rid, m, n)
@@ -69,10 +55,6 @@ class CacheDriver:
         v.computed = self.s.view_computed(rid, m)
         assert v.computed <= n
         self.s.check_invariants()
-
-    def set_run(self, rid: int, m: int, run: int) -> None:
-        self.s.set_run(rid, m, run)
-        self.live[rid].views[m].run = run
 
     def schedule(self) -> None:
         """One step: plan it, write every new token's KV into the arena, then check every read."""
@@ -100,9 +82,6 @@ class CacheDriver:
                 v.computed = self.s.view_computed(rid, m)
         self.s.check_invariants()
 
-    def sample_ids(self, m: int) -> list[int]:
-        n = int(self.s.counts()[m * _C.NUM_COUNT_FIELDS + 3])
-        return self.s.buffers(m)["sample_request_ids"][:n].tolist()
 
 
 def shared_prompts(rng: np.random.Generator, count: int, max_len: int) -> list[list[int]]:

@@ -53,8 +53,9 @@ class Driver:
     """Runs a Scheduler step by step and checks every array and count against the mirror."""
 
     def __init__(self, num_pages: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 page_tokens: list[int]) -> None:
-        self.s = _C.Scheduler(num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, page_tokens)
+                 page_tokens: list[int], prefix_caching: bool = False) -> None:
+        self.s = _C.Scheduler(num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, page_tokens,
+                              prefix_caching=prefix_caching)
         self.num_pages = num_pages
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
