@@ -61,7 +61,7 @@ class CacheDriver(Driver):
         self.s.schedule(0)
         counts = self.s.counts().reshape(self.num_models, _C.NUM_COUNT_FIELDS)
         for m in range(self.num_models):
-            num_seqs, num_tokens = int(counts[m][0]), int(counts[m][1])
+            num_seqs = int(counts[m][0])
             b, pt = self.s.buffers(m), self.page_tokens[m]
             qsl, seq_lens = b["query_start_loc"][: num_seqs + 1], b["seq_lens"][:num_seqs]
             ids = b["seq_request_ids"][:num_seqs].tolist()
