@@ -128,7 +128,8 @@ def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: 
     start = time.perf_counter()
     engine = Engine(config_path, load_format="dummy", device=device.type, dtype=dtype,
                     kv_cache_bytes=kv_bytes_per_token(cfg, elem) * (max_len + 64), max_model_len=max_len,
-                    max_num_seqs=1, kernels=args.kernels, cuda_graphs=args.cuda_graphs, progress=False)
+                    max_num_seqs=1, kernels=args.kernels, cuda_graphs=args.cuda_graphs, progress=False,
+                    tensor_parallel_size=args.tensor_parallel_size)
     build_s = time.perf_counter() - start
     vocab = cfg["vocab_size"]
     # Warm-up at the same prompt length: compiles every kernel variant, captures the decode graph.
@@ -144,8 +145,10 @@ def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: 
         rates.append((len(out.token_ids) - 1) / (m.finished_time - m.first_token_time))
         ttfts.append(m.first_token_time - m.arrival_time)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    engine.close()  # tensor parallel: the workers go before the next engine starts
     return {"tok_s": max(rates), "tok_s_all": rates, "ttft_s_best": min(ttfts), "build_s": build_s,
-            "peak_gib": memory, "kernels": engine.ops.name, "cuda_graphs": engine.runners[0].graphs is not None}
+            "peak_gib": memory, "kernels": engine.ops.name, "cuda_graphs": engine.runners[0].graphs is not None,
+            "tensor_parallel_size": args.tensor_parallel_size}
 
 
 def build_hf(cfg: dict, device: torch.device, dtype: torch.dtype):
@@ -237,6 +240,8 @@ def main() -> None:
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                    help="the engine's kernels (default: auto; smoke: triton in the interpreter)")
     p.add_argument("--skip-hf", action="store_true", help="run the engine only")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the engine's model over N GPUs (cuda:0..N-1); peak_gib is rank 0's (default: 1)")
     p.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: the code path, not a measurement")
     args = p.parse_args()
 

@@ -59,6 +59,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(default: T_big / (T_small + T_big) from the step costs)")
     g.add_argument("--step-costs", type=Path, metavar="JSON",
                    help="calibration file of per-model step costs (default: timed at start-up)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split both models over N processes (on CUDA one GPU each, cuda:0..N-1; gloo on the CPU) "
+                        "(default: 1)")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the KV of full pages that earlier "
                         "requests computed for the same leading tokens")
@@ -189,7 +192,7 @@ def engine_from_args(args) -> Engine:
                   coschedule=args.coschedule, max_big_wait_steps=args.max_big_wait_steps,
                   gather_min_share=args.gather_min_share,
                   max_big_wait_s=None if args.max_big_wait_ms is None else args.max_big_wait_ms / 1e3,
-                  step_costs=args.step_costs)
+                  step_costs=args.step_costs, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:

@@ -7,6 +7,7 @@ next and tells the scheduler (append, truncate, foreground / background / idle).
 
 import logging
 import time
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -14,18 +15,19 @@ from typing import Iterator, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import _C
+from . import _C, parallel
 from .config import parse_dtype
 from .coschedule import POLICIES, make_policy
 from .decode_graphs import DecodeGraphs
 from .jit import jit_compiles
 from .kernels.ops import select_ops
-from .kv_pool import KVPool, available_bytes, geometry, page_bytes_for
+from .kv_pool import KVPool, arena_page_bytes, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
+from .parallel import TPFailure, TPGroup, WorkerSpec, check_divisible, local_heads
 from .protocol import CATCH_UP_POLICIES, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, MODEL_NAMES, SMALL, Request, RequestBook
-from .runner import ModelRunner
+from .runner import ModelRunner, StepLink, message_capacity
 from .sampling import DetectTables, SamplingParams, finite_rows, sample_and_detect
 from .stats import EngineStats
 from .step_costs import StepCosts, WallClock, measure
@@ -64,6 +66,8 @@ class Engine:
     kernels) replays decode-only steps from CUDA graphs, one per batch-size bucket. `prefix_caching`:
     full pages of KV stay in the pool after their request and serve later requests (in either
     model) that start with the same tokens, until the pool needs the pages (least recently used first).
+    `tensor_parallel_size` N > 1 splits both models over N processes (this one is rank 0; see
+    docs/tensor-parallel.md), with `tp_timeout_s` on every collective; close() stops them.
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
@@ -75,7 +79,8 @@ class Engine:
                  kernels: str = "auto", cuda_graphs: "bool | None" = None, coschedule: str = "auto",
                  max_big_wait_steps: "int | None" = None, max_big_wait_s: "float | None" = None,
                  gather_min_share: "float | None" = None, step_costs: "str | Path | StepCosts | None" = None,
-                 prefix_caching: bool = True, clock=None, progress: bool = True):
+                 prefix_caching: bool = True, tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0,
+                 clock=None, progress: bool = True):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
@@ -84,6 +89,20 @@ class Engine:
             raise ValueError("device='cuda' but CUDA is not available to PyTorch")
         self.dtype = parse_dtype(dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
         self.ops = select_ops(kernels, self.device)
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        tp_size = tensor_parallel_size
+        if tp_size > 1:
+            if cuda_graphs:
+                raise ValueError("cuda_graphs=True is not supported with tensor_parallel_size > 1")
+            if coschedule == "gather" and step_costs is None:
+                raise ValueError("coschedule='gather' with tensor_parallel_size > 1 needs step_costs (a calibration "
+                                 "file): step costs are not timed at start-up across ranks")
+            if self.device.type == "cuda" and (self.device.index or 0) != 0:
+                raise ValueError(f"with tensor_parallel_size > 1 rank r runs on cuda:r; pass device='cuda', got {device!r}")
+            if not tp_timeout_s > 0:
+                raise ValueError(f"tp_timeout_s must be positive, got {tp_timeout_s!r}")
+            cuda_graphs = False
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.ops.name == "triton"
         if cuda_graphs and self.device.type != "cuda":
@@ -118,9 +137,29 @@ class Engine:
         if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
             raise ValueError(f"max_model_len must be an integer in [2, {context}] (the models' context), got {max_model_len!r}")
         self.max_model_len = max_model_len
+        self.tp: "TPGroup | None" = None
+        self._close = None  # with tensor parallelism: stops the workers (a weakref.finalize)
+        if tp_size > 1:
+            for s, c in zip(sources, configs):
+                check_divisible(c, tp_size, str(s.config_file))
+            self.tp = parallel.start(WorkerSpec(tuple(sources), self.dtype, self.device.type, max_model_len, seed,
+                                                kernels, tp_size, tp_timeout_s, torch.get_num_threads()))
+            self._close = weakref.finalize(self, parallel.shutdown, self.tp)
+        try:
+            self._start(configs, sources, page_tokens, kv_cache_bytes, kv_cache_memory_fraction, max_num_seqs,
+                        max_num_batched_tokens, prefix_caching, cuda_graphs, coschedule, step_costs,
+                        gather_min_share, max_big_wait_steps, max_big_wait_s, progress)
+        except BaseException:
+            self.close()
+            raise
 
-        self.models = [build_model(s, c, self.dtype, self.device, max_model_len, seed + i, progress, self.ops)
-                       for i, (s, c) in enumerate(zip(sources, configs))]
+    def _start(self, configs, sources, page_tokens, kv_cache_bytes, kv_cache_memory_fraction, max_num_seqs,
+               max_num_batched_tokens, prefix_caching, cuda_graphs, coschedule, step_costs, gather_min_share,
+               max_big_wait_steps, max_big_wait_s, progress) -> None:
+        """Everything after the workers (if any) are started: models, pool, scheduler, runners, policy."""
+        seed, max_model_len, big = self.seed, self.max_model_len, len(sources) > 1
+        self.models = [build_model(s, c, self.dtype, self.device, max_model_len, seed + i, progress, self.ops,
+                                   self.tp) for i, (s, c) in enumerate(zip(sources, configs))]
         self.pool = self._build_pool(configs, page_tokens, kv_cache_bytes, kv_cache_memory_fraction)
         logger.info("KV pool: %s", self.pool.describe())
         self.scheduler = _C.Scheduler(self.pool.num_pages, max_num_seqs, max_num_batched_tokens, max_model_len,
@@ -133,16 +172,20 @@ class Engine:
         self.detector = None  # split mode needs it, so only an engine with two models builds it
         if self.tokenizer is not None:
             self.tokenizer.keep_in_text(self.tags.all)  # tags are text, also for one model alone
-            if big is not None:
+            if big:
                 self.detector = TagDetector(self.tags, token_bytes(self.tokenizer))
         self.detect_tables = DetectTables.build(self.detector, self.device)
 
         self.runners = []
+        capacity = max(message_capacity(self.scheduler.buffers(i)) for i in range(len(self.models)))
+        if self.tp is not None:  # the workers build their pools and wait for steps
+            self.tp.send_setup(self.pool.num_pages, self.pool.page_bytes, capacity)
         for i, m in enumerate(self.models):
             width = self.scheduler.max_pages_per_seq(i)
             graphs = DecodeGraphs(m, self.pool.kv_caches[i], max_num_seqs, width, self.device) if cuda_graphs else None
+            link = StepLink(self.tp, i, capacity) if self.tp is not None else None
             self.runners.append(ModelRunner(m, self.pool.kv_caches[i], self.scheduler.buffers(i), width, self.device,
-                                            graphs))
+                                            graphs, link))
         self.stats = EngineStats(len(self.models), jit_counter=jit_compiles)
         self._warm_up(max_num_seqs, max_num_batched_tokens, progress)
         self.policy, self.step_costs = self._choose_policy(coschedule, step_costs, max_num_seqs,
@@ -157,7 +200,13 @@ class Engine:
         self._next_id = 0
         self.broken: "EngineBroken | None" = None  # set once the engine has given up
         self._failed_runs = [0] * len(self.models)  # failed forward passes in a row, per model
-        self.flow_context = FlowContext(self.book, self.tokenizer, self.tags, self.detector, catch_up, len(self.models))
+        self.flow_context = FlowContext(self.book, self.tokenizer, self.tags, self.detector, self.catch_up,
+                                        len(self.models))
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (also done at exit); nothing to do in one process."""
+        if self._close is not None:
+            self._close()
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -170,7 +219,8 @@ class Engine:
                 warm_up_kernels(m, self.pool.kv_caches[i], self.ops, self.device, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
                                 real_vocab=self.real_vocab[i], detect_tables=self.detect_tables,
-                                block_table_width=self.scheduler.max_pages_per_seq(i), name=MODEL_NAMES[i])
+                                block_table_width=self.scheduler.max_pages_per_seq(i), name=MODEL_NAMES[i],
+                                link=self.runners[i].link)
         for runner in self.runners:
             if runner.graphs is not None:
                 runner.graphs.capture_all(progress)
@@ -198,6 +248,9 @@ class Engine:
         file, the step costs it reads are timed here, on the models as loaded."""
         if len(self.models) < 2:
             return make_policy("eager", None), costs
+        if costs is None and self.tp is not None:  # timing runs the models on rank 0 alone
+            logger.info("co-scheduling: eager (tensor parallel without a step-costs file)")
+            return make_policy("eager", None), costs
         if costs is None and name != "eager":
             costs = measure(self.runners, min(max_num_seqs, max_num_batched_tokens),
                             min(max_num_batched_tokens, self.max_model_len - 1))
@@ -214,7 +267,8 @@ class Engine:
 
     def _build_pool(self, configs, page_tokens, kv_cache_bytes, fraction) -> KVPool:
         page_bytes = page_bytes_for(configs, self.dtype, page_tokens)
-        if kv_cache_bytes is None:
+        measured = kv_cache_bytes is None
+        if measured:
             if fraction is None:
                 fraction = 0.9 if self.device.type == "cuda" else 0.05
             if not 0 < fraction <= 1:
@@ -223,6 +277,13 @@ class Engine:
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         num_pages = kv_cache_bytes // page_bytes
+        kv_heads = None
+        if self.tp is not None:
+            # Each rank holds its KV heads: a fraction of its free memory buys pages at its own page
+            # size; kv_cache_bytes counts pages at the full size, so it gives the pages of one process.
+            kv_heads = [local_heads(c, self.tp.world_size)[1] for c in configs]
+            if measured:
+                num_pages = kv_cache_bytes // arena_page_bytes(configs, self.dtype, page_bytes, kv_heads)
         # One request may hold a full-length view in every model at once.
         needed = sum(-(-self.max_model_len // geometry(c, self.dtype, page_bytes).page_tokens) for c in configs)
         if num_pages < needed:
@@ -231,7 +292,7 @@ class Engine:
                 f"KV pool too small for one request: {kv_cache_bytes} bytes = {num_pages} pages of {page_bytes} "
                 f"bytes, but one request of max_model_len {self.max_model_len} tokens with {views} needs "
                 f"{needed} pages; raise kv_cache_bytes or lower max_model_len")
-        return KVPool(configs, self.dtype, self.device, page_bytes, num_pages)
+        return KVPool(configs, self.dtype, self.device, page_bytes, num_pages, kv_heads)
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -398,6 +459,8 @@ class Engine:
         if self._failed_runs[m] >= MAX_FAILED_STEPS:
             self.broken = EngineBroken(f"the {MODEL_NAMES[m]} model failed {MAX_FAILED_STEPS} times in a row; "
                                        f"last: {fault}")
+        if isinstance(error, TPFailure):  # the ranks are out of step: no later step can run
+            self.broken = EngineBroken(str(error))
         if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda":
             torch.cuda.empty_cache()
         return [(self._requests[rid], f"the {MODEL_NAMES[m]} model's step failed: {fault}") for rid in request_ids]

@@ -3,6 +3,9 @@
 A page of `page_bytes` holds `page_bytes // kv_bytes_per_token(model)` tokens of a model across
 all of its layers ([layers, 2, page_tokens, kv_heads, head_dim]); the rest of the page is waste.
 Page ids are global, so a page freed by one model is usable by the other at once.
+
+With tensor parallelism every rank has the same pages (count and tokens per page, from the full
+models' geometry) holding only its own KV heads, so its pages are smaller (arena_page_bytes).
 """
 
 from dataclasses import dataclass
@@ -48,23 +51,35 @@ def available_bytes(device: torch.device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass kv_cache_bytes")
 
 
+def arena_page_bytes(configs: list[ModelConfig], dtype: torch.dtype, page_bytes: int, kv_heads: list[int]) -> int:
+    """Bytes a page takes on a rank holding `kv_heads` KV heads of each model (page_bytes with all of them)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return max(geometry(c, dtype, page_bytes).page_tokens * c.num_layers * 2 * h * c.head_dim * elem
+               for c, h in zip(configs, kv_heads))
+
+
 class KVPool:
-    """The arena and each model's per-layer [pages, page_tokens, kv_heads, head_dim] cache views."""
+    """The arena and each model's per-layer [pages, page_tokens, kv_heads, head_dim] cache views.
+
+    `kv_heads`: each model's KV heads on this rank (default: all of them)."""
 
     def __init__(self, configs: list[ModelConfig], dtype: torch.dtype, device: torch.device,
-                 page_bytes: int, num_pages: int):
+                 page_bytes: int, num_pages: int, kv_heads: "list[int] | None" = None):
         if num_pages < 1:
             raise ValueError(f"KV pool of {num_pages} pages: the budget is smaller than one page of {page_bytes} bytes")
         self.page_bytes, self.num_pages = page_bytes, num_pages
         elem = torch.empty((), dtype=dtype).element_size()
-        self.arena = torch.zeros(num_pages, page_bytes // elem, dtype=dtype, device=device)
         self.geometries = [geometry(c, dtype, page_bytes) for c in configs]
-        self.kv_caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for c, g in zip(configs, self.geometries):
+        for g in self.geometries:
             if g.page_tokens < 1:
                 raise ValueError(f"page of {page_bytes} bytes cannot hold one token ({g.kv_bytes_per_token} bytes)")
-            used = g.page_tokens * g.kv_bytes_per_token // elem
-            view = self.arena[:, :used].view(num_pages, c.num_layers, 2, g.page_tokens, c.num_kv_heads, c.head_dim)
+        row = page_bytes if kv_heads is None else arena_page_bytes(configs, dtype, page_bytes, kv_heads)
+        kv_heads = kv_heads or [c.num_kv_heads for c in configs]
+        self.arena = torch.zeros(num_pages, row // elem, dtype=dtype, device=device)
+        self.kv_caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for c, g, heads in zip(configs, self.geometries, kv_heads):
+            used = g.page_tokens * c.num_layers * 2 * heads * c.head_dim
+            view = self.arena[:, :used].view(num_pages, c.num_layers, 2, g.page_tokens, heads, c.head_dim)
             self.kv_caches.append([(view[:, l, 0], view[:, l, 1]) for l in range(c.num_layers)])
 
     def capacity_tokens(self, model: int) -> int:

@@ -1,4 +1,7 @@
-"""Builds a model from a Hugging Face checkpoint folder, or with random weights (`dummy`)."""
+"""Builds a model from a Hugging Face checkpoint folder, or with random weights (`dummy`).
+
+With tensor parallelism each rank reads only its slice of each checkpoint tensor
+(parallel.shard_of), and its dummy weights are the slices of the full dummy weights."""
 
 import json
 import logging
@@ -12,6 +15,7 @@ from tqdm.auto import tqdm
 from .config import ModelConfig
 from .kernels.ops import TORCH_OPS, Ops
 from .models import CausalLM
+from .parallel import TPGroup, shard_of, take
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +83,25 @@ def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int, str]:
 
 
 def _shard_slice(model: CausalLM, param_name: str, shard: int) -> slice:
+    """Where part `shard` of a fused parameter lies in this rank's (local) tensor."""
+    *_, fused, _ = param_name.split(".")
+    sizes = [_part_sizes(model, part)[1] for part in _PARTS[fused]]
+    start = sum(sizes[:shard])
+    return slice(start, start + sizes[shard])
+
+
+def _part_sizes(model: CausalLM, part: str) -> tuple[int, int]:
+    """(full, local) output rows of one part of a fused projection."""
     c = model.config
-    if "qkv_proj" in param_name:
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        bounds = [0, q, q + kv, q + 2 * kv]
-    else:
-        bounds = [0, c.intermediate_size, 2 * c.intermediate_size]
-    return slice(bounds[shard], bounds[shard + 1])
+    full = {"q_proj": c.num_heads * c.head_dim, "k_proj": c.num_kv_heads * c.head_dim,
+            "v_proj": c.num_kv_heads * c.head_dim}.get(part, c.intermediate_size)
+    shard = _shard(model, part, "weight")
+    return full, full if shard is None else shard.size
+
+
+def _shard(model: CausalLM, module: str, kind: str):
+    tp = model.tp
+    return None if tp is None else shard_of(module, kind, model.config, tp.rank, tp.world_size)
 
 
 def _checkpoint_names(model: CausalLM) -> list[str]:
@@ -126,13 +142,19 @@ def load_weights(model: CausalLM, folder: Path, progress: bool = True) -> None:
                     raise ValueError(f"{file.name}: unexpected tensor {name!r} for a {model.config.family} model "
                                      "with this config.json") from None
                 dest = param.data if shard < 0 else param.data[_shard_slice(model, own, shard)]
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(dest.shape):
+                *_, module, kind = name.split(".")
+                piece = _shard(model, module, kind)
+                lazy = f.get_slice(name)
+                shape, expected = tuple(lazy.get_shape()), list(dest.shape)
+                if piece is not None:
+                    expected[piece.dim] = piece.full
+                if shape != tuple(expected):
                     raise ValueError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(dest.shape)} from config.json"
+                        f"{file.name}: tensor {name!r} has shape {shape}, expected {tuple(expected)} from config.json"
                     )
-                dest.copy_(tensor)
+                index = tuple(slice(None) if piece is None or d != piece.dim else
+                              slice(piece.start, piece.start + piece.size) for d in range(len(shape)))
+                dest.copy_(lazy[index])
                 loaded.add(name.removeprefix("model."))
     bar.close()
     missing = sorted(set(_checkpoint_names(model)) - loaded)
@@ -143,23 +165,51 @@ def load_weights(model: CausalLM, folder: Path, progress: bool = True) -> None:
 
 def init_dummy_weights(model: CausalLM, seed: int, std: float = 0.02, progress: bool = True) -> None:
     """Random weights at the real shapes, drawn on the model's device (the same seed gives the same
-    weights on the same kind of device): normal(0, std) matrices and biases, unit norms (q/k norms too)."""
+    weights on the same kind of device): normal(0, std) matrices and biases, unit norms (q/k norms too).
+    A tensor-parallel rank draws each full tensor and keeps its slice, so its weights are the
+    slices of the one-process weights."""
     params = list(model.named_parameters())
     g = torch.Generator(device=params[0][1].device).manual_seed(seed)
     for name, p in tqdm(params, desc="random weights", unit="tensor", disable=not progress):
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
-        else:
+        elif model.tp is None:
             p.data.normal_(0.0, std, generator=g)
+        else:
+            p.data.copy_(_local_part(model, name, _full_normal(model, name, p, std, g)))
+
+
+def _full_normal(model: CausalLM, name: str, p: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
+    """A draw at the shape `name` has in one process."""
+    *_, module, kind = name.split(".")
+    shape = list(p.shape)
+    if module in _PARTS:
+        shape[0] = sum(_part_sizes(model, part)[0] for part in _PARTS[module])
+    else:
+        piece = _shard(model, module, kind)
+        if piece is not None:
+            shape[piece.dim] = piece.full
+    return torch.empty(shape, dtype=p.dtype, device=p.device).normal_(0.0, std, generator=g)
+
+
+def _local_part(model: CausalLM, name: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a one-process tensor; a fused one sliced part by part."""
+    *_, module, kind = name.split(".")
+    if module not in _PARTS:
+        return take(full, _shard(model, module, kind))
+    parts = full.split([_part_sizes(model, part)[0] for part in _PARTS[module]])
+    return torch.cat([take(t, _shard(model, part, kind)) for t, part in zip(parts, _PARTS[module])])
 
 
 def build_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int = 0, progress: bool = True, ops: Ops = TORCH_OPS) -> CausalLM:
-    """`config` is load_config(source), read once by the caller; `ops` is the op set its steps run."""
+                max_positions: int, seed: int = 0, progress: bool = True, ops: Ops = TORCH_OPS,
+                tp: "TPGroup | None" = None) -> CausalLM:
+    """`config` is load_config(source), read once by the caller; `ops` is the op set its steps run;
+    with `tp`, this rank's shard."""
     if source.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {source.load_format!r}")
     with torch.device("meta"):  # no time spent on initialisations that get overwritten
-        model = CausalLM(config, max_positions, ops).to(dtype)
+        model = CausalLM(config, max_positions, ops, tp).to(dtype)
     model = model.to_empty(device=device)
     model.tie_weights()
     if source.load_format == "dummy":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .jit import jit_compiles
-from .runner import ModelRunner
+from .runner import ModelRunner, StepLink
 from .sampling import DetectTables, SamplingParams, sample_and_detect
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def _sampling_rows(n: int, turn: int, real_vocab: int, detect: bool):
 @torch.inference_mode()
 def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num_batched_tokens: int,
                     max_model_len: int, real_vocab: int, detect_tables: "DetectTables | None" = None,
-                    block_table_width: "int | None" = None, name: str = "model") -> WarmupReport:
+                    block_table_width: "int | None" = None, name: str = "model",
+                    link: "StepLink | None" = None) -> WarmupReport:
     """Launches every Triton kernel variant that serving `model` can reach (see the module doc).
 
     `kv_caches`: the model's per-layer (k, v) views of the KV pool (KVPool.kv_caches[i]); nothing is
@@ -118,6 +119,7 @@ def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num
     detector: no row detects). `block_table_width`: the scheduler's max_pages_per_seq for the model (default
     ceil(max_model_len / page_tokens)). Call it after the KV pool exists and before CUDA-graph
     capture; it is meant for the Triton ops on CUDA (should_warm_up), but runs on any op set.
+    `link`: with tensor parallelism, the model's runner's, so every rank runs the steps.
     """
     device = torch.device(device)
     start, compiled = time.perf_counter(), jit_compiles()
@@ -129,7 +131,7 @@ def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num
         ("slot_mapping", max_num_batched_tokens), ("query_start_loc", seqs + 1), ("seq_lens", seqs),
         ("block_tables", seqs * width), ("logits_indices", seqs))}
     buffers["slot_mapping"][:] = -1  # padding: nothing is stored
-    runner = ModelRunner(model, kv_caches, buffers, width, device)
+    runner = ModelRunner(model, kv_caches, buffers, width, device, link=link)
     tables = detect_tables if detect_tables is not None else DetectTables.build(None, device)
     detect = tables.next_state.shape[-1] >= real_vocab  # a real detector's tables (not the 1 x 1 stand-in)
     generator = torch.Generator().manual_seed(0)

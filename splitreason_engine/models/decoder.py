@@ -6,6 +6,11 @@ q/k/v and gate/up projections are fused into one matmul each; the loader splits 
 tensors into them. Attention reads and writes the model's own view of the pool. Norms, RoPE + KV
 store, attention and the activation come from the engine's op set (kernels.ops): the PyTorch
 references or the Triton kernels.
+
+With tensor parallelism (`tp`, parallel.py) each rank holds its share: its q heads and the KV
+heads they read, its part of the MLP's intermediate size and of the vocabulary (LM head);
+o_proj and down_proj end in one all-reduce each, the logits in one all-gather. The embedding,
+norms and rotary table are replicated. Without `tp` no distributed call is made.
 """
 
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels import rope_cos_sin
 from ..kernels.ops import TORCH_OPS, Ops
+from ..parallel import TPGroup, local_heads
 
 
 @dataclass
@@ -48,14 +54,30 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class RowParallelLinear(nn.Linear):
+    """A Linear whose input features are split across ranks: partial products summed by one
+    all-reduce, the bias added once, after it. Without `tp`, a plain Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: "TPGroup | None"):
+        super().__init__(in_features, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x):
+        if self.tp is None:
+            return super().forward(x)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig, ops: Ops):
+    def __init__(self, c: ModelConfig, ops: Ops, tp: "TPGroup | None" = None):
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.num_heads, self.num_kv_heads = local_heads(c, tp.world_size if tp else 1)
+        self.head_dim = c.head_dim
+        self.q_size, self.kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
         self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=c.o_bias)
+        self.o_proj = RowParallelLinear(self.q_size, c.hidden_size, c.o_bias, tp)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops) if c.qk_norm else None
         self.scale = c.head_dim ** -0.5
@@ -85,10 +107,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig, ops: Ops):
+    def __init__(self, c: ModelConfig, ops: Ops, tp: "TPGroup | None" = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        inter = c.intermediate_size // (tp.world_size if tp else 1)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * inter, bias=c.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, c.hidden_size, c.mlp_bias, tp)
         self.ops = ops
 
     def forward(self, x):
@@ -96,12 +119,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, ops: Ops):
+    def __init__(self, c: ModelConfig, ops: Ops, tp: "TPGroup | None" = None):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
-        self.self_attn = Attention(c, ops)
+        self.self_attn = Attention(c, ops, tp)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
-        self.mlp = MLP(c, ops)
+        self.mlp = MLP(c, ops, tp)
 
     def forward(self, x, residual, batch, rope, k_cache, v_cache):
         if residual is None:
@@ -116,13 +139,16 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """Parameter names are the checkpoint's without "model." (q/k/v and gate/up fused)."""
 
-    def __init__(self, c: ModelConfig, max_positions: int, ops: Ops = TORCH_OPS):
+    def __init__(self, c: ModelConfig, max_positions: int, ops: Ops = TORCH_OPS, tp: "TPGroup | None" = None):
         super().__init__()
-        self.config = c
+        self.config, self.tp = c, tp
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, ops) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, ops, tp) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        # Each rank's rows of the vocabulary; tied, they are a view of the replicated embedding.
+        vocab = c.vocab_size // (tp.world_size if tp else 1)
+        self.vocab_rows = slice(tp.rank * vocab, (tp.rank + 1) * vocab) if tp else slice(None)
+        self.lm_head = nn.Linear(c.hidden_size, vocab, bias=False)
         self.tie_weights()
         self.max_positions = max_positions
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
@@ -146,5 +172,7 @@ class CausalLM(nn.Module):
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the selected rows of forward()'s output, in fp32."""
-        return F.linear(self.norm(hidden), self.lm_head.weight).float()
+        """Logits of the selected rows of forward()'s output, in fp32 (with `tp`: on every rank, all of them)."""
+        weight = self.lm_head.weight[self.vocab_rows] if self.config.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(self.norm(hidden), weight).float()
+        return logits if self.tp is None else self.tp.all_gather_last(logits)

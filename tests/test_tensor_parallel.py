@@ -1,0 +1,160 @@
+"""Tensor parallelism on the CPU: 2 ranks over gloo, tokens identical to one process.
+
+The split pair's big model has 6 q heads and 1 KV head, so under TP=2 each rank holds a copy of
+the KV head its 3 q heads read; the small one splits its 4 KV heads. Each engine starts a worker
+process (a few seconds), so engines are shared where a test does not break one.
+"""
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from hf_models import save_tiny
+from split_models import PAGE_BYTES, check_against_oracle, mixed_requests
+from splitreason_engine import Engine, EngineBroken, SamplingParams
+from splitreason_engine.loader import ModelSource, build_model, load_config
+from splitreason_engine.parallel import TPGroup
+
+TIMEOUT_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_rank():
+    """Two ranks on two cores: one intra-op thread each (workers take rank 0's count); more only
+    oversubscribe the cores, and gloo's waits suffer most."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def engines():
+    """Engines made by a test, closed after it, so no worker outlives its test."""
+    made = []
+
+    def make(*args, tp_timeout_s: float = TIMEOUT_S, **kwargs) -> Engine:
+        made.append(Engine(*args, tensor_parallel_size=2, tp_timeout_s=tp_timeout_s, progress=False, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        workers = engine.tp.workers
+        engine.close()
+        assert not any(p.is_alive() for p in workers)
+
+
+def test_mixed_modes_match_the_oracle_across_handoffs(pair, oracle, engines):
+    engine = engines(*pair, kv_cache_bytes=1 << 24, max_model_len=256, catch_up="lazy")
+    outs = check_against_oracle(engine, oracle, mixed_requests(oracle))
+    split = [o for o in outs if o.metrics.mode == "split"]
+    assert sum(o.metrics.handoffs for o in split) >= 10
+    assert {o.metrics.mode for o in outs} == {"split", "random", "small", "big"}
+
+
+def test_tokens_do_not_change_under_preemption(pair, oracle, engines):
+    engine = engines(*pair, kv_cache_bytes=24 * PAGE_BYTES, max_model_len=256, catch_up="eager")
+    assert engine.pool.num_pages == 24  # the pages of one process: the same scheduling
+    check_against_oracle(engine, oracle, mixed_requests(oracle))
+    assert engine.scheduler.num_view_drops > 0
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_llama_and_qwen3_match_one_process(tmp_path, engines, monkeypatch):
+    """Llama with q/k/v, o and MLP biases and an untied (vocabulary-split) LM head beside a tied
+    Qwen3 with q/k norms, greedy, ragged prompts given as token ids. The start-up warm-up (CUDA's,
+    made to run here) sends its steps to the workers too: rank 0 alone would wait on its first all-reduce."""
+    import splitreason_engine.engine as engine_module
+
+    reports = []
+    warm_up = engine_module.warm_up_kernels
+    monkeypatch.setattr(engine_module, "should_warm_up", lambda ops, device: True)
+    monkeypatch.setattr(engine_module, "warm_up_kernels", lambda *a, **k: reports.append(warm_up(*a, **k)))
+    small = save_tiny(tmp_path / "llama", "llama", "gqa2-h80-bias", seed=3)
+    big = save_tiny(tmp_path / "qwen3", "qwen3", "gqa2-hd32-tied", seed=4)
+    prompts = [[(7 * i + 3 * j) % 160 for j in range(5 + 9 * i)] for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=12, mode=mode) for mode in ("small", "big")] * 2
+    kwargs = dict(kv_cache_bytes=1 << 22, max_model_len=128)
+    one = Engine(small, big, progress=False, **kwargs)
+    expected = [o.token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    engine = engines(small, big, **kwargs)
+    assert len(reports) == 4 and all(r.steps > 0 for r in reports)
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+
+
+def test_a_killed_worker_breaks_the_engine_with_its_rank_and_exit_code(pair, engines):
+    engine = engines(*pair, kv_cache_bytes=1 << 22, max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=4, mode="small")
+    assert engine.generate([[1, 2, 3]], params, use_tqdm=False)[0].error is None
+    worker = engine.tp.workers[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineBroken, match=rf"rank 1 \(pid {worker.pid}\) died with exit code -9"):
+        engine.generate([[4, 5, 6]], params, use_tqdm=False)
+    assert time.monotonic() - start < TIMEOUT_S
+    with pytest.raises(EngineBroken):
+        engine.step()
+
+
+def test_a_stuck_worker_breaks_the_engine_after_the_collective_timeout(pair, engines):
+    engine = engines(*pair, kv_cache_bytes=1 << 22, max_model_len=128, tp_timeout_s=2.0)
+    params = SamplingParams(temperature=0, max_tokens=4, mode="big")
+    assert engine.generate([[1, 2, 3]], params, use_tqdm=False)[0].error is None
+    os.kill(engine.tp.workers[0].pid, signal.SIGSTOP)  # alive, never answers; close() kills it
+    start = time.monotonic()
+    with pytest.raises(EngineBroken, match="failed with every rank alive"):
+        engine.generate([[4, 5, 6]], params, use_tqdm=False)
+    assert time.monotonic() - start < 2.0 + 8.0  # the timeout, up to 2 s waiting for an exit to name, slack
+
+
+def test_a_start_up_error_stops_the_workers(pair):
+    with pytest.raises(ValueError, match="KV pool too small for one request"):
+        Engine(*pair, kv_cache_bytes=PAGE_BYTES, max_model_len=128, tensor_parallel_size=2, progress=False)
+    assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("size, named", [(4, "num_attention_heads 6 is not divisible by tensor_parallel_size 4"),
+                                         (3, "num_attention_heads 4 is not divisible by tensor_parallel_size 3")])
+def test_configs_the_ranks_cannot_split_are_refused_by_name(pair, size, named):
+    with pytest.raises(ValueError, match=named):
+        Engine(*pair, kv_cache_bytes=1 << 22, max_model_len=64, tensor_parallel_size=size, progress=False)
+
+
+def test_cuda_graphs_are_refused_with_tensor_parallelism(pair):
+    with pytest.raises(ValueError, match="cuda_graphs=True is not supported with tensor_parallel_size > 1"):
+        Engine(*pair, tensor_parallel_size=2, cuda_graphs=True, progress=False)
+
+
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
+def test_each_rank_holds_the_slices_of_the_one_process_weights(pair, load_format):
+    """Built in this process (no collective runs while loading): rank r's tensors are the
+    one-process tensors cut by the column / row rules, for checkpoints and dummy weights alike."""
+    source = ModelSource(pair[1], load_format)  # 6 q heads, 1 KV head (replicated), tied
+    config = load_config(source)
+
+    def build(tp):
+        return dict(build_model(source, config, torch.float32, torch.device("cpu"), 64, seed=5, progress=False,
+                                tp=tp).named_parameters())
+
+    whole = build(None)
+    ranks = [build(TPGroup(rank, 2, None)) for rank in range(2)]
+    q, inter = 3 * config.head_dim, config.intermediate_size // 2
+    for r, params in enumerate(ranks):
+        full_qkv = whole["layers.1.self_attn.qkv_proj.weight"]
+        own_q = full_qkv[r * q: (r + 1) * q]
+        assert torch.equal(params["layers.1.self_attn.qkv_proj.weight"], torch.cat([own_q, full_qkv[2 * q:]]))
+        assert torch.equal(params["layers.1.self_attn.qkv_proj.bias"][:q],
+                           whole["layers.1.self_attn.qkv_proj.bias"][r * q: (r + 1) * q])
+        assert torch.equal(params["layers.1.self_attn.o_proj.weight"],
+                           whole["layers.1.self_attn.o_proj.weight"][:, r * q: (r + 1) * q])
+        gate_up = whole["layers.0.mlp.gate_up_proj.weight"].chunk(2)
+        assert torch.equal(params["layers.0.mlp.gate_up_proj.weight"],
+                           torch.cat([g[r * inter: (r + 1) * inter] for g in gate_up]))
+        assert torch.equal(params["layers.0.mlp.down_proj.weight"],
+                           whole["layers.0.mlp.down_proj.weight"][:, r * inter: (r + 1) * inter])
+        assert torch.equal(params["embed_tokens.weight"], whole["embed_tokens.weight"])  # replicated
