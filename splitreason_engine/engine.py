@@ -95,9 +95,6 @@ class Engine:
         if tp_size > 1:
             if cuda_graphs:
                 raise ValueError("cuda_graphs=True is not supported with tensor_parallel_size > 1")
-            if coschedule == "gather" and step_costs is None:
-                raise ValueError("coschedule='gather' with tensor_parallel_size > 1 needs step_costs (a calibration "
-                                 "file): step costs are not timed at start-up across ranks")
             if self.device.type == "cuda" and (self.device.index or 0) != 0:
                 raise ValueError(f"with tensor_parallel_size > 1 rank r runs on cuda:r; pass device='cuda', got {device!r}")
             if not tp_timeout_s > 0:
@@ -247,9 +244,6 @@ class Engine:
         """The co-scheduling policy; with two models, a policy other than eager and no calibration
         file, the step costs it reads are timed here, on the models as loaded."""
         if len(self.models) < 2:
-            return make_policy("eager", None), costs
-        if costs is None and self.tp is not None:  # timing runs the models on rank 0 alone
-            logger.info("co-scheduling: eager (tensor parallel without a step-costs file)")
             return make_policy("eager", None), costs
         if costs is None and name != "eager":
             costs = measure(self.runners, min(max_num_seqs, max_num_batched_tokens),

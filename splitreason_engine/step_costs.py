@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import AttentionBatch
 
 logger = logging.getLogger(__name__)
 
@@ -104,25 +103,21 @@ def _time(runner, rows: int, tokens: int) -> float:
 
 def _padding_step(runner, rows: int, tokens: int) -> None:
     """A step of `rows` sequences and `tokens` new tokens (decodes when equal, else one chunk),
-    with every slot -1, so nothing is stored; logits for every sequence, as a step samples them."""
-    graphs = runner.graphs
-    if rows == tokens and graphs is not None and graphs.capture and rows <= graphs.max_batch:
-        graphs.graphs[next(b for b in graphs.buckets if b >= rows)].replay()  # its static rows are padding
-        return
-    device, page_tokens = runner.device, runner.kv_caches[0][0].shape[1]
-    i32 = dict(dtype=torch.int32, device=device)
+    with every slot -1, so nothing is stored; logits for every sequence, as a step samples them.
+    It is planned into the runner's step arrays and run as any step is (CUDA graph, staging, the
+    other tensor-parallel ranks), before any request uses those arrays."""
+    b, page_tokens = runner.buffers, runner.kv_caches[0][0].shape[1]
     decode = rows == tokens
     lens = [1] * rows if decode else [tokens]
-    batch = AttentionBatch(
-        positions=torch.zeros(tokens, **i32) if decode else torch.arange(tokens, **i32),
-        slot_mapping=torch.full((tokens,), -1, **i32),
-        query_start_loc=torch.tensor(np.cumsum([0] + lens), **i32),
-        seq_lens=torch.tensor(lens, **i32) * (0 if decode else 1),
-        block_tables=torch.zeros(len(lens), -(-tokens // page_tokens), **i32),
-        num_decodes=rows if decode else 0, max_query_len=max(lens))
-    hidden = runner.model(torch.zeros(tokens, **i32), batch, runner.kv_caches)
-    rows_out = hidden if decode else hidden[-1:]
-    runner.model.compute_logits(rows_out)
+    width = -(-tokens // page_tokens)
+    b["input_ids"][:tokens] = 0
+    b["positions"][:tokens] = 0 if decode else np.arange(tokens)
+    b["slot_mapping"][:tokens] = -1
+    b["query_start_loc"][: len(lens) + 1] = np.cumsum([0] + lens)
+    b["seq_lens"][: len(lens)] = 0 if decode else tokens
+    b["block_tables"][: len(lens) * runner.stride] = 0
+    b["logits_indices"][: len(lens)] = np.cumsum(lens) - 1
+    runner.execute(len(lens), tokens, rows if decode else 0, len(lens), width)
 
 
 class WallClock:
