@@ -62,6 +62,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split both models over N processes (on CUDA one GPU each, cuda:0..N-1; gloo on the CPU) "
                         "(default: 1)")
+    g.add_argument("--tp-timeout-s", type=float, default=60.0, metavar="S",
+                   help="with --tensor-parallel-size > 1: longest a collective may take before the engine gives up "
+                        "(default: 60)")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the KV of full pages that earlier "
                         "requests computed for the same leading tokens")
@@ -188,11 +191,13 @@ def engine_from_args(args) -> Engine:
                   page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
                   kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs, prefix_caching=args.prefix_caching,
+                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
+                  prefix_caching=args.prefix_caching,
                   coschedule=args.coschedule, max_big_wait_steps=args.max_big_wait_steps,
                   gather_min_share=args.gather_min_share,
                   max_big_wait_s=None if args.max_big_wait_ms is None else args.max_big_wait_ms / 1e3,
-                  step_costs=args.step_costs, tensor_parallel_size=args.tensor_parallel_size)
+                  step_costs=args.step_costs, tensor_parallel_size=args.tensor_parallel_size,
+                  tp_timeout_s=args.tp_timeout_s)
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:

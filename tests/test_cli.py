@@ -46,7 +46,8 @@ def test_help_documents_every_option():
                    "--kv-cache-memory-fraction", "--page-tokens", "--max-num-seqs", "--max-num-batched-tokens",
                    "--seed", "--mode", "--max-tokens", "--temperature", "--top-k", "--top-p", "--sampling-seed",
                    "--stop", "--stop-token-id", "--ignore-eos", "--logprobs", "--json", "--stats", "--catch-up",
-                   "--max-offload-tokens", "--switch-ratio", "--switch-chunk", "--logit-bias"):
+                   "--max-offload-tokens", "--switch-ratio", "--switch-chunk", "--logit-bias",
+                   "--tensor-parallel-size", "--tp-timeout-s", "--no-prefix-caching"):
         assert option in r.stdout
 
 
@@ -60,6 +61,8 @@ def test_help_documents_every_option():
     (["--small", str(default_model_path()), "--load-format", "dummy", "--mode", "split"], "needs a big model"),
     (["--logit-bias", "7"], "--logit-bias takes ID=BIAS"),
     (["--max-offload-tokens", "0"], "max_offload_tokens"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size"),
+    (["--tensor-parallel-size", "2", "--tp-timeout-s", "0"], "tp_timeout_s"),
 ])
 def test_bad_input_exits_with_a_message(args, message):
     r = run("generate", "a prompt that is longer than eight tokens", *args)
