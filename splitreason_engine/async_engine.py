@@ -130,9 +130,12 @@ class AsyncEngine:
         self._commands.put(("fail_all", message))
 
     def shutdown(self) -> None:
+        """Stops the loop thread, then the engine's tensor-parallel workers (if any), while the
+        interpreter is still whole: at exit, multiprocessing would terminate them first."""
         self._stop = True
         self._commands.put(("wake",))
         self._thread.join(timeout=30)
+        self.engine.close()
 
     # ---- the loop thread --------------------------------------------------------------------
 
