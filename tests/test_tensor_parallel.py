@@ -160,3 +160,43 @@ def test_each_rank_holds_the_slices_of_the_one_process_weights(pair, load_format
         assert torch.equal(params["layers.0.mlp.down_proj.weight"],
                            whole["layers.0.mlp.down_proj.weight"][:, r * inter: (r + 1) * inter])
         assert torch.equal(params["embed_tokens.weight"], whole["embed_tokens.weight"])  # replicated
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc: no psutil needed)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return kids
+
+
+def test_a_tensor_parallel_server_serves_and_stops_its_workers_on_sigterm(pair):
+    import httpx
+
+    from test_server import Server
+
+    server = Server("--small", str(pair[0]), "--big", str(pair[1]), "--kv-cache-bytes", str(1 << 24),
+                    "--max-model-len", "256", "--served-model-name", "pair", "--tensor-parallel-size", "2")
+    try:
+        body = {"model": "pair", "prompt": "What is 2+2?", "max_tokens": 24, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 24
+        workers = [pid for pid in _children(server.proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+        assert len(workers) == 1
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        log = server.proc.stdout.read()
+        assert "not delivered" not in log, log
+        deadline = time.time() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
