@@ -31,16 +31,17 @@ uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// The key of a full page: its tokens chained onto the key of the page before it (or, for the
-// first page, onto the model), so equal keys mean equal models and equal token prefixes, up to
-// 64-bit collisions (about n^2 / 2^65 for n cached pages).
-uint64_t page_hash(uint64_t parent, const int32_t* tokens, int32_t n) {
-  uint64_t h = mix(parent);
-  for (int32_t i = 0; i < n; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+// The key of the view's next full page (the one after its keyed pages): that page's tokens
+// chained onto the key of the page before it (or, for the first page, onto the model), so equal
+// keys mean equal models and equal token prefixes, up to 64-bit collisions (about n^2 / 2^65 for
+// n cached pages). The page's tokens must be in the view.
+uint64_t next_page_key(const View& view, int32_t page_tokens, int32_t model) {
+  const size_t k = view.page_hashes.size();
+  uint64_t h = mix(k == 0 ? mix(0x5eedull + static_cast<uint64_t>(model)) : view.page_hashes[k - 1]);
+  const int32_t* tokens = view.tokens.data() + k * page_tokens;
+  for (int32_t i = 0; i < page_tokens; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
   return h;
 }
-
-uint64_t chain_start(int32_t model) { return mix(0x5eedull + static_cast<uint64_t>(model)); }
 
 }  // namespace
 
@@ -169,8 +170,7 @@ void Scheduler::publish_full_pages(View& view, int32_t model, int32_t num_tokens
   const size_t full = num_tokens / page_tokens;
   while (view.page_hashes.size() < full) {
     const size_t k = view.page_hashes.size();
-    const uint64_t parent = k == 0 ? chain_start(model) : view.page_hashes[k - 1];
-    const uint64_t hash = page_hash(parent, view.tokens.data() + k * page_tokens, page_tokens);
+    const uint64_t hash = next_page_key(view, page_tokens, model);
     allocator_.publish(view.pages[k], hash);  // false: another request computes the same page
     view.page_hashes.push_back(hash);
   }
@@ -184,8 +184,7 @@ void Scheduler::share_pages(Entry& e, View& view, int32_t model) {
   while (e.count > page_tokens + 1 && e.start % page_tokens == 0 &&
          view.page_hashes.size() == static_cast<size_t>(e.start / page_tokens)) {
     const size_t k = e.start / page_tokens;
-    const uint64_t parent = k == 0 ? chain_start(model) : view.page_hashes[k - 1];
-    const uint64_t hash = page_hash(parent, view.tokens.data() + e.start, page_tokens);
+    const uint64_t hash = next_page_key(view, page_tokens, model);
     const int32_t page = allocator_.lookup(hash);
     if (page < 0) break;
     allocator_.release(view.pages[k]);  // reserved for this step, never written
@@ -208,8 +207,7 @@ void Scheduler::attach_cached(View& view, int32_t model) {
     return;
   // One token at least stays to compute: its logits are what the step is for.
   while (view.num_computed + page_tokens < static_cast<int32_t>(view.tokens.size())) {
-    const uint64_t parent = view.page_hashes.empty() ? chain_start(model) : view.page_hashes.back();
-    const uint64_t hash = page_hash(parent, view.tokens.data() + view.num_computed, page_tokens);
+    const uint64_t hash = next_page_key(view, page_tokens, model);
     const int32_t page = allocator_.lookup(hash);
     if (page < 0) break;
     view.pages.push_back(page);
