@@ -62,9 +62,10 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm on each q and k head (q_norm, k_norm of head_dim) before RoPE
     rope_scaling: "Llama3RopeScaling | None"
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V of one token across all layers."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+    def kv_bytes_per_token(self, dtype: torch.dtype, kv_heads: "int | None" = None) -> int:
+        """K and V of one token across all layers, of all KV heads or of `kv_heads` (one rank's share)."""
+        heads = self.num_kv_heads if kv_heads is None else kv_heads
+        return self.num_layers * 2 * heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def num_parameters(self) -> int:
         h, inter = self.hidden_size, self.intermediate_size

@@ -53,8 +53,7 @@ def available_bytes(device: torch.device) -> int:
 
 def arena_page_bytes(configs: list[ModelConfig], dtype: torch.dtype, page_bytes: int, kv_heads: list[int]) -> int:
     """Bytes a page takes on a rank holding `kv_heads` KV heads of each model (page_bytes with all of them)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return max(geometry(c, dtype, page_bytes).page_tokens * c.num_layers * 2 * h * c.head_dim * elem
+    return max(geometry(c, dtype, page_bytes).page_tokens * c.kv_bytes_per_token(dtype, h)
                for c, h in zip(configs, kv_heads))
 
 
@@ -78,7 +77,7 @@ class KVPool:
         self.arena = torch.zeros(num_pages, row // elem, dtype=dtype, device=device)
         self.kv_caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for c, g, heads in zip(configs, self.geometries, kv_heads):
-            used = g.page_tokens * c.num_layers * 2 * heads * c.head_dim
+            used = g.page_tokens * c.kv_bytes_per_token(dtype, heads) // elem
             view = self.arena[:, :used].view(num_pages, c.num_layers, 2, g.page_tokens, heads, c.head_dim)
             self.kv_caches.append([(view[:, l, 0], view[:, l, 1]) for l in range(c.num_layers)])
 
