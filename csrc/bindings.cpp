@@ -147,6 +147,8 @@ PYBIND11_MODULE(_C, m) {
             s.append(id, model, to_int32s(tokens, "tokens"));
           },
           py::arg("id"), py::arg("model"), py::arg("tokens"))
+      .def("append_placeholder", &Scheduler::append_placeholder, py::arg("id"), py::arg("model"))
+      .def("set_last_token", &Scheduler::set_last_token, py::arg("id"), py::arg("model"), py::arg("token"))
       .def("truncate", &Scheduler::truncate, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
       .def("set_run", &Scheduler::set_run, py::arg("id"), py::arg("model"), py::arg("run"))
       .def("finish", &Scheduler::finish, py::arg("id"), py::arg("cache") = true,
@@ -179,6 +181,7 @@ PYBIND11_MODULE(_C, m) {
       .def("view_size",
            [](const Scheduler& s, int64_t id, int32_t model) { return static_cast<int32_t>(s.view(id, model).tokens.size()); })
       .def("view_computed", [](const Scheduler& s, int64_t id, int32_t model) { return s.view(id, model).num_computed; })
+      .def("view_run", [](const Scheduler& s, int64_t id, int32_t model) { return static_cast<int>(s.view(id, model).run); })
       .def("view_stats",
            [](const Scheduler& s, int64_t id, int32_t model) {
              const sre::View& v = s.view(id, model);
@@ -190,6 +193,7 @@ PYBIND11_MODULE(_C, m) {
       .def("check_invariants", &Scheduler::check_invariants);
 
   m.attr("NUM_COUNT_FIELDS") = static_cast<int>(sre::kNumCountFields);
+  m.attr("PLACEHOLDER") = static_cast<int>(Scheduler::kPlaceholder);
   m.attr("RUN_IDLE") = static_cast<int>(sre::Run::kIdle);
   m.attr("RUN_FOREGROUND") = static_cast<int>(sre::Run::kForeground);
   m.attr("RUN_BACKGROUND") = static_cast<int>(sre::Run::kBackground);

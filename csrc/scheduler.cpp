@@ -136,6 +136,32 @@ void Scheduler::append(int64_t id, int32_t model, const std::vector<int32_t>& to
   view.tokens.insert(view.tokens.end(), tokens.begin(), tokens.end());
 }
 
+void Scheduler::append_placeholder(int64_t id, int32_t model) {
+  View& view = view_of(id, model);
+  if (view.tokens.size() + 1 > static_cast<size_t>(config_.max_model_len))
+    throw std::invalid_argument("append_placeholder: view would exceed max_model_len " +
+                                std::to_string(config_.max_model_len));
+  view.tokens.push_back(kPlaceholder);
+}
+
+void Scheduler::set_last_token(int64_t id, int32_t model, int32_t token) {
+  View& view = view_of(id, model);
+  check_tokens({token}, "set_last_token");
+  if (view.tokens.empty() || view.tokens.back() != kPlaceholder)
+    throw std::invalid_argument("set_last_token: the view does not end with a placeholder");
+  view.tokens.back() = token;
+  // Only the page holding the last token can have been keyed with the placeholder in it (a page is
+  // keyed once full and computed, and no page follows it). Decode pages are never shared, so the
+  // page is this view's alone: take its old key out of the cache and key it again.
+  const int32_t page_tokens = config_.page_tokens[model];
+  const size_t page = (view.tokens.size() - 1) / page_tokens;
+  if (view.page_hashes.size() == page + 1) {
+    if (allocator_.is_published(view.pages[page])) allocator_.unpublish(view.pages[page]);
+    view.page_hashes.pop_back();
+    publish_full_pages(view, model, view.num_computed);
+  }
+}
+
 void Scheduler::truncate(int64_t id, int32_t model, int32_t num_tokens) {
   View& view = view_of(id, model);
   if (num_tokens < 0 || num_tokens > static_cast<int32_t>(view.tokens.size()))

@@ -82,6 +82,7 @@ enum CountField : int32_t {
 class Scheduler {
  public:
   static constexpr int32_t kMaxModels = 32;  // held_models is a 32-bit mask
+  static constexpr int32_t kPlaceholder = -1;  // a token planned before it is sampled (never a real id)
 
   explicit Scheduler(const SchedulerConfig& config);
 
@@ -102,6 +103,12 @@ class Scheduler {
   std::vector<int64_t> ready_requests(int32_t model) const;
   // Appends tokens to a view (a sampled token, another model's text, a catch-up chunk).
   void append(int64_t id, int32_t model, const std::vector<int32_t>& tokens);
+  // Overlapped steps: the next step is planned before this step's sampled token reaches the host.
+  // append_placeholder appends kPlaceholder (the runner patches the real id into the step's input
+  // on the device); set_last_token puts the sampled id in its place once the host has it, and
+  // re-keys the prefix-cache page that the placeholder completed, if any.
+  void append_placeholder(int64_t id, int32_t model);
+  void set_last_token(int64_t id, int32_t model, int32_t token);
   // Rollback: keeps the first `num_tokens` tokens of a view and frees KV pages past them.
   void truncate(int64_t id, int32_t model, int32_t num_tokens);
   void set_run(int64_t id, int32_t model, int32_t run);

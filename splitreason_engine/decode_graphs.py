@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .inflight import Feed
 from .models import AttentionBatch, CausalLM
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,16 @@ class DecodeGraphs:
         # there), then this step's block-table rows, compacted to the step's width.
         self.staging = torch.zeros(len(_INPUTS) * n + n * block_table_width, dtype=torch.int32, device=device)
         self.inputs = {name: self.staging[i * n: (i + 1) * n] for i, name in enumerate(_INPUTS)}
-        self.host = torch.zeros(self.staging.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self.host_np = self.host.numpy()
-        self.host_np[2 * n: 3 * n] = -1  # slot_mapping: every row is padding until a step fills it
-        self.staging.copy_(self.host)
+        # Two pinned host buffers, used in turn: with overlapped steps the next step fills one while
+        # the copy from the other may still be queued; a buffer is rewritten only after its last
+        # copy has run (its event).
+        pinned = device.type == "cuda"
+        self.host = [torch.zeros(self.staging.shape, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        for h in self.host:
+            h.numpy()[2 * n: 3 * n] = -1  # slot_mapping: every row is padding until a step fills it
+        self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.turn = 0
+        self.staging.copy_(self.host[0])
         self.block_tables = torch.zeros(n, block_table_width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits = torch.empty(n, model.lm_head.out_features, dtype=torch.float32, device=device)
@@ -84,22 +91,30 @@ class DecodeGraphs:
             self.graphs[bucket] = graph
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def run(self, buffers: dict[str, np.ndarray], num_seqs: int, width: int) -> torch.Tensor:
-        """fp32 logits [num_seqs, vocab] of a decode-only step planned into `buffers`: a view of the
-        static logits buffer, valid until this object's next run (the caller samples before it)."""
+    def run(self, buffers: dict[str, np.ndarray], num_seqs: int, width: int, feed: "Feed | None" = None) -> torch.Tensor:
+        """fp32 logits [num_seqs, vocab] of a decode-only step planned into `buffers` (input ids
+        patched by `feed`): a view of the static logits buffer, valid until this object's next run
+        (the caller launches the sampler on it first)."""
         bucket = next(b for b in self.buckets if b >= num_seqs)
-        n, h = self.max_batch, self.host_np
+        turn, n = self.turn, self.max_batch
+        self.turn ^= 1
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # the copy two steps ago has read this host buffer
+        h = self.host[turn].numpy()
         for i, name in enumerate(_INPUTS):
             h[i * n: i * n + num_seqs] = buffers[name][:num_seqs]
-        h[2 * n + num_seqs: 2 * n + bucket] = -1  # padding rows: no slot ...
+        h[num_seqs: bucket] = 0  # padding rows: a valid id (a buffer may hold placeholders) ...
+        h[2 * n + num_seqs: 2 * n + bucket] = -1  # ... no slot ...
         h[3 * n + num_seqs: 3 * n + bucket] = 0  # ... and no context
         start, used = len(_INPUTS) * n, len(_INPUTS) * n + num_seqs * width
         tables = buffers["block_tables"][: num_seqs * self.width].reshape(num_seqs, self.width)[:, :width]
         h[start:used].reshape(num_seqs, width)[:] = tables
-        # The host buffer is rewritten only after the caller has synchronised on the sampled tokens,
-        # which come after this copy on the stream.
-        self.staging[:used].copy_(self.host[:used], non_blocking=True)
+        self.staging[:used].copy_(self.host[turn][:used], non_blocking=True)
+        if self.copied[turn] is not None:
+            self.copied[turn].record()
         self.block_tables[:num_seqs, :width].copy_(self.staging[start:used].view(num_seqs, width))
+        if feed is not None:
+            feed.patch_inputs(self.inputs["input_ids"])
         if self.capture:
             self.graphs[bucket].replay()
         else:

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,6 +20,7 @@ from . import _C, parallel
 from .config import parse_dtype
 from .coschedule import POLICIES, make_policy
 from .decode_graphs import DecodeGraphs
+from .inflight import Batch, Feed, Results, Step
 from .jit import jit_compiles
 from .kernels.ops import select_ops
 from .kv_pool import KVPool, arena_page_bytes, available_bytes, geometry, page_bytes_for
@@ -28,7 +30,7 @@ from .parallel import TPFailure, TPGroup, WorkerSpec, check_divisible, local_hea
 from .protocol import CATCH_UP_POLICIES, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, MODEL_NAMES, SMALL, Request, RequestBook
 from .runner import ModelRunner, StepLink, message_capacity
-from .sampling import DetectTables, SamplingParams, finite_rows, sample_and_detect
+from .sampling import DetectTables, SamplingParams, finite_rows, sample_and_detect, to_device
 from .stats import EngineStats
 from .step_costs import StepCosts, WallClock, measure
 from .tags import TagDetector, Tags, token_bytes
@@ -68,6 +70,9 @@ class Engine:
     model) that start with the same tokens, until the pool needs the pages (least recently used first).
     `tensor_parallel_size` N > 1 splits both models over N processes (this one is rank 0; see
     docs/tensor-parallel.md), with `tp_timeout_s` on every collective; close() stops them.
+    `overlap` (default: on for CUDA without tensor parallelism) launches each step before the
+    previous step's tokens reach the host when they cannot change its inputs (docs/architecture.md,
+    "Overlapped steps"); the tokens are the same either way, for greedy and seeded sampling.
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
@@ -80,7 +85,7 @@ class Engine:
                  max_big_wait_steps: "int | None" = None, max_big_wait_s: "float | None" = None,
                  gather_min_share: "float | None" = None, step_costs: "str | Path | StepCosts | None" = None,
                  prefix_caching: bool = True, tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0,
-                 clock=None, progress: bool = True):
+                 overlap: "bool | None" = None, clock=None, progress: bool = True):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
@@ -100,6 +105,10 @@ class Engine:
             if not tp_timeout_s > 0:
                 raise ValueError(f"tp_timeout_s must be positive, got {tp_timeout_s!r}")
             cuda_graphs = False
+        if overlap and tp_size > 1:
+            raise ValueError("overlap=True is not supported with tensor_parallel_size > 1")
+        self.overlap = self.device.type == "cuda" and tp_size == 1 if overlap is None else bool(overlap)
+        self._ahead: "Step | None" = None  # a step launched before the last one's tokens were applied
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.ops.name == "triton"
         if cuda_graphs and self.device.type != "cuda":
@@ -375,6 +384,9 @@ class Engine:
         """One engine step over every queued request, whoever submitted it; returns how many
         sequences ran (0: nothing to do). Results accumulate on the requests themselves.
 
+        With overlap, the next step is launched before this one's tokens reach the host, whenever
+        every sampled row lets it (see _launch_ahead); the tokens are the same as without.
+
         Faults stay with the requests they belong to: a row with non-finite logits, or a flow or
         detokenizer that raises, fails its request only; a forward pass or sampler that raises
         fails the requests of that model's batch. Either way they end with finish_reason "error"
@@ -382,66 +394,160 @@ class Engine:
         MAX_FAILED_STEPS failed forward passes of one model in a row the engine gives up: EngineBroken."""
         if self.broken is not None:
             raise self.broken
-        start = self.clock.now()
-        self._plan(start)
-        ran, sampled, failures = 0, [], []
+        current, self._ahead = self._ahead, None
+        if current is None:
+            self._plan(self.clock.now())
+            current = self._launch()
+        ahead = self._launch_ahead(current) if self.overlap else None
+        self._apply(current, ahead)
+        if ahead is not None and ahead.ran:
+            self._ahead = ahead
+        if self.broken is not None:
+            raise self.broken
+        return current.ran
+
+    def _launch(self, feeds: "dict | None" = None, sources: "dict | None" = None) -> Step:
+        """Runs the planned step's models up to their sampled tokens, without waiting for them.
+        `feeds` {(model, request id): (source row, view size)}: views that end in a placeholder for
+        the token that row of `sources[model]` (the previous step's results) sampled."""
+        step = Step(placeholders=set(feeds or ()))
         for m, runner in enumerate(self.runners):
             num_seqs, num_tokens, num_decodes, num_samples, width = self._counts[m].tolist()
-            ran += num_seqs
+            step.ran += num_seqs
             if num_seqs == 0:
                 continue
             self.stats.count_step(m, num_seqs)
             if m == BIG:
-                self.book.mark_big_started(runner.buffers["seq_request_ids"][:num_seqs].tolist(), start)
+                self.book.mark_big_started(runner.buffers["seq_request_ids"][:num_seqs].tolist(), self.clock.now())
             began = self.clock.now()
             try:
-                sampled += self._run_model(m, runner, num_seqs, num_tokens, num_decodes, num_samples, width,
-                                           failures)
+                batch = self._run_model(m, runner, num_seqs, num_tokens, num_decodes, num_samples, width, feeds,
+                                        sources)
+                if batch is not None:
+                    step.batches.append(batch)
                 self._failed_runs[m] = 0
             except Exception as e:  # the whole batch: its requests fail, the engine goes on
-                failures += self._batch_failure(m, runner.buffers["seq_request_ids"][:num_seqs].tolist(), e)
+                step.failures += self._batch_failure(m, runner.buffers["seq_request_ids"][:num_seqs].tolist(), e)
             self.clock.charge(m, num_seqs, num_tokens)
             self.stats.model_time[m] += self.clock.now() - began
+        return step
+
+    def _run_model(self, m: int, runner: ModelRunner, num_seqs: int, num_tokens: int, num_decodes: int,
+                   num_samples: int, width: int, feeds: "dict | None", sources: "dict | None") -> "Batch | None":
+        """One model's forward pass and sampling, launched: the results stay on their way to the host."""
+        b = runner.buffers
+        reqs = [self._requests[i] for i in b["sample_request_ids"][:num_samples].tolist()]
+        fed = {row: feeds[(m, r.id)] for row, r in enumerate(reqs) if (m, r.id) in feeds} if feeds else {}
+        feed = self._feed(m, b, num_seqs, reqs, fed, sources[m]) if fed else None
+        logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
+        if num_samples == 0:
+            return None
+        logits, finite = finite_rows(logits)
+        # A row fed from the previous step samples the token after the one the host has not seen.
+        indices = [r.flow.next_index() + (row in fed) for row, r in enumerate(reqs)]
+        state_feed = (feed.sample_rows, feed.source.words, feed.state_rows) if feed is not None else None
+        tokens, words, logprobs = sample_and_detect(
+            logits, [r.params for r in reqs], indices, self._generator, self.real_vocab[m], self.ops.sample_and_detect,
+            [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed)
+        results = Results.copy_back(tokens, words, finite, logprobs)
+        return Batch(m, reqs, results, {row: size for row, (_, size) in fed.items()})
+
+    def _feed(self, m: int, buffers: dict, num_seqs: int, reqs: list[Request], fed: dict, source: Results) -> Feed:
+        """Where the placeholders of this model's planned step are, and which rows of the previous
+        step's samples replace them. A fed view computes exactly its placeholder: a decode row."""
+        seq_of = {rid: j for j, rid in enumerate(buffers["seq_request_ids"][:num_seqs].tolist())}
+        starts = buffers["query_start_loc"]
+        positions = [int(starts[seq_of[reqs[row].id]]) for row in fed]
+        assert all(buffers["input_ids"][p] == _C.PLACEHOLDER for p in positions), "a placeholder was not planned"
+        detecting = [row for row in fed if reqs[row].flow.detect_state(m) >= 0]
+        device = self.device
+        return Feed(to_device(np.array(positions, dtype=np.int64), device),
+                    to_device(np.array([source for source, _ in fed.values()], dtype=np.int64), device),
+                    source,
+                    to_device(np.array(detecting, dtype=np.int64), device),
+                    to_device(np.array([fed[row][0] for row in detecting], dtype=np.int64), device))
+
+    def _launch_ahead(self, current: Step) -> "Step | None":
+        """Launches the next step before `current`'s tokens reach the host, if nothing the host will
+        decide can change its inputs: every sampled row of `current` either ends its request
+        whatever the token (its view gets nothing more), or feeds its view's next step (a
+        placeholder the device fills in). None (nothing launched) when a row needs the host first."""
+        fed = []
+        for batch in current.batches:
+            for row, req in enumerate(batch.reqs):
+                if req.finish_reason is not None or (batch.valid is not None and not batch.valid[row]):
+                    continue
+                m = batch.model
+                size = self.scheduler.view_size(req.id, m)
+                if len(req.tokens) + 1 >= req.params.max_tokens or size + 1 >= self.max_model_len:
+                    continue  # its request ends with this token
+                if not req.flow.samples_on(m):
+                    return None
+                fed.append((batch, row, req, size + 1))
+        if not fed:
+            return None
+        for batch, row, req, _ in fed:
+            self.scheduler.append_placeholder(req.id, batch.model)
+        self._plan(self.clock.now())
+        ahead = self._launch({(batch.model, req.id): (row, size) for batch, row, req, size in fed},
+                             {batch.model: batch.results for batch in current.batches})
+        self.stats.steps_ahead += 1
+        return ahead
+
+    def _apply(self, step: Step, ahead: "Step | None") -> None:
+        """Brings a launched step's tokens to the host and hands them to the flows. Views that the
+        step launched `ahead` planned with a placeholder get their token first; after the flows,
+        the rows of `ahead` whose view no longer continues from that token are dropped."""
+        now = self.clock.now()
         # Failures end their requests once every model has run: a request in both batches stays
         # live for the second one, whose token for it is then dropped.
-        now = self.clock.now()
-        for req, message in failures:
+        for req, message in step.failures:
             if req.finish_reason is None:
                 self.book.fail(req, message, now)
+        rows = []
+        for batch in step.batches:
+            m, began = batch.model, self.clock.now()
+            tokens, words, finite, logprobs = batch.results.wait()
+            self.stats.model_time[m] += self.clock.now() - began
+            for row, (req, ok, token, word, logprob) in enumerate(zip(batch.reqs, finite, tokens, words, logprobs)):
+                if batch.valid is not None and not batch.valid[row]:
+                    self.stats.rows_dropped += 1
+                    continue
+                if ahead is not None and (m, req.id) in ahead.placeholders and req.finish_reason is None:
+                    self.scheduler.set_last_token(req.id, m, token)
+                    req.ahead[m] = token
+                if ok:
+                    rows.append((m, req, token, word, logprob))
+                elif req.finish_reason is None:
+                    self.book.fail(req, f"the {MODEL_NAMES[m]} model's logits for this request are not finite "
+                                        f"(NaN or inf) after {len(req.tokens)} tokens", now)
+                    req.ahead[m] = None
+        now = self.clock.now()
         # The small model's rows first: in a big segment they decide whether the big token
         # sampled in the same step is still wanted.
-        for m, req, token, word, logprob in sampled:
+        for m, req, token, word, logprob in rows:
             if req.finish_reason is None:
                 try:
                     req.flow.on_token(m, token, word, logprob, now)
                 except Exception as e:
                     self.book.fail(req, f"{type(e).__name__} while applying a {MODEL_NAMES[m]}-model token: {e}", now)
-        if self.broken is not None:
-            raise self.broken
-        return ran
+            self.book.drop_ahead(req, m)
+        if ahead is not None:
+            for batch in ahead.batches:
+                batch.valid = [self._continues(batch.model, req, batch.planned_sizes.get(row))
+                               for row, req in enumerate(batch.reqs)]
 
-    def _run_model(self, m: int, runner: ModelRunner, num_seqs: int, num_tokens: int, num_decodes: int,
-                   num_samples: int, width: int, failures: list) -> list[tuple]:
-        """One model's forward pass and sampling: (model, request, token, word, logprob) per
-        sampled row whose logits were finite; the requests of the other rows go to `failures`."""
-        logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width)
-        if num_samples == 0:
-            return []
-        reqs = [self._requests[i] for i in runner.buffers["sample_request_ids"][:num_samples].tolist()]
-        logits, finite = finite_rows(logits)
-        tokens, words, logprobs = sample_and_detect(
-            logits, [r.params for r in reqs], [r.flow.next_index() for r in reqs], self._generator,
-            self.real_vocab[m], self.ops.sample_and_detect, [r.flow.detect_state(m) for r in reqs],
-            self.detect_tables, [r.stop_ids for r in reqs])
-        logprobs = logprobs.tolist() if logprobs is not None else [None] * len(reqs)
-        rows = []
-        for req, ok, token, word, logprob in zip(reqs, finite.tolist(), tokens.tolist(), words.tolist(), logprobs):
-            if ok:
-                rows.append((m, req, token, word, logprob))
-            else:
-                failures.append((req, f"the {MODEL_NAMES[m]} model's logits for this request are not finite "
-                                      f"(NaN or inf) after {len(req.tokens)} tokens"))
-        return rows
+    def _continues(self, m: int, req: Request, planned_size: "int | None") -> bool:
+        """Whether a row of a step launched ahead still samples what this request needs next: the
+        request is live and, for a fed row, its view ends exactly at the fed token, computed, and
+        still samples."""
+        if req.finish_reason is not None:
+            return False
+        if planned_size is None:
+            return True
+        s = self.scheduler
+        return (s.view_size(req.id, m) == planned_size == s.view_computed(req.id, m)
+                and s.view_run(req.id, m) == _C.RUN_FOREGROUND and req.flow.samples_on(m))
 
     def _batch_failure(self, m: int, request_ids: list[int], error: Exception) -> list[tuple]:
         """A forward pass or its sampling raised: every request in that batch fails. An out-of-memory

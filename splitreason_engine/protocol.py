@@ -101,6 +101,13 @@ class Flow(ABC):
         """The sampling-noise index of the next token sampled for this request."""
         return len(self.req.tokens)
 
+    def samples_on(self, model: int) -> bool:
+        """Whether the token `model` samples now goes to the end of its view, and that view then
+        samples the next one, unless the token itself ends the request or changes the phase (a
+        tag in split mode, a switch in random mode): the engine may then launch the next step
+        before the token reaches the host, and drops that step's row if the token did change things."""
+        return False
+
     def finish(self, now: float) -> None:
         self._time(self.timer, now)
 
@@ -146,6 +153,9 @@ class SingleFlow(Flow):
         if self.book.commit(self.req, token, model, logprob, now, stop=bool(word & STOP)):
             self.book.extend(self.req, model, [token], now)
 
+    def samples_on(self, model):
+        return True
+
 
 class SplitFlow(Flow):
     SMALL_PHASE, BIG_PHASE, PROBE = "small", "big", "probe"
@@ -175,6 +185,9 @@ class SplitFlow(Flow):
     def detect_state(self, model):
         # Only the small model's tokens can write tags; its row's state is `det` in every phase.
         return self.det if model == SMALL else -1
+
+    def samples_on(self, model):
+        return model == SMALL and self.phase == self.SMALL_PHASE
 
     def on_token(self, model, token, word, logprob, now):
         if model == SMALL:
@@ -328,6 +341,9 @@ class RandomFlow(Flow):
 
     def _draw(self) -> int:
         return BIG if self.rng.random() < self.big_probability else SMALL
+
+    def samples_on(self, model):
+        return model == self.writer
 
     def initial_views(self):
         runs = [self._idle_run(), self._idle_run()]

@@ -44,6 +44,9 @@ class Request:
     sent_tokens: int = 0  # how much a stream has already yielded
     sent_text: int = 0
     big_wanted_since: "float | None" = None  # a handoff is waiting for the big model's first run
+    # Per model: a sampled token already at the end of that view (an overlapped step planned it
+    # ahead); the flow's next extend of the view takes it, and the engine drops it if none does.
+    ahead: list = field(default_factory=lambda: [None, None])
 
     @property
     def holdback(self) -> int:
@@ -91,14 +94,30 @@ class RequestBook:
 
     def extend(self, req: Request, model: int, tokens: list[int], now: float) -> bool:
         """Appends tokens to one of the request's views; a view that reaches max_model_len ends
-        the request ("length"). False once the request has finished."""
+        the request ("length"). False once the request has finished. A token the view holds
+        ahead (req.ahead) counts as appended when it is the first of `tokens`, else it is dropped."""
         if not tokens:
             return True
-        if self.scheduler.view_size(req.id, model) + len(tokens) >= self.max_model_len:
+        ahead, req.ahead[model] = req.ahead[model], None
+        size = self.scheduler.view_size(req.id, model) - (ahead is not None)
+        if size + len(tokens) >= self.max_model_len:
             self.end(req, "length", now)
             return False
-        self.scheduler.append(req.id, model, tokens)
+        if ahead is not None:
+            if tokens[0] == ahead:
+                tokens = tokens[1:]
+            else:
+                self.scheduler.truncate(req.id, model, size)
+        if tokens:
+            self.scheduler.append(req.id, model, tokens)
         return True
+
+    def drop_ahead(self, req: Request, model: int) -> None:
+        """Takes a token planned ahead out of the view when the flow did not keep it."""
+        if req.ahead[model] is not None:
+            req.ahead[model] = None
+            if req.finish_reason is None:
+                self.scheduler.truncate(req.id, model, self.scheduler.view_size(req.id, model) - 1)
 
     def end(self, req: Request, reason: str, now: float) -> None:
         """Finishes a request: pages back to the pool first (so nothing leaks, whatever follows),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .decode_graphs import DecodeGraphs
+from .inflight import Feed
 from .models import AttentionBatch, CausalLM
 from .parallel import TPGroup
 
@@ -139,22 +140,24 @@ class ModelRunner:
         return packed_views(self._staging, layout, num_seqs, width)
 
     def execute(self, num_seqs: int, num_tokens: int, num_decodes: int, num_samples: int,
-                width: int) -> torch.Tensor:
-        """fp32 logits [num_samples, vocab] of the rows the scheduler marked for sampling. With
-        tensor parallelism any failure is a TPFailure: the ranks are out of step."""
+                width: int, feed: "Feed | None" = None) -> torch.Tensor:
+        """fp32 logits [num_samples, vocab] of the rows the scheduler marked for sampling; `feed`
+        patches input ids that the previous step sampled and the host has not seen (placeholders in
+        the scheduler's buffers). With tensor parallelism any failure is a TPFailure: the ranks
+        are out of step."""
         if self.link is None:
-            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width)
+            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
         try:
-            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width)
+            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
         except Exception as e:
             raise self.link.group.failure(e) from e
 
     def _execute(self, num_seqs: int, num_tokens: int, num_decodes: int, num_samples: int,
-                 width: int) -> torch.Tensor:
+                 width: int, feed: "Feed | None") -> torch.Tensor:
         b = self.buffers
         if (self.graphs is not None and num_decodes == num_seqs == num_tokens == num_samples
                 and num_seqs <= self.graphs.max_batch):
-            return self.graphs.run(b, num_seqs, width)
+            return self.graphs.run(b, num_seqs, width, feed)
         chunk_lens = np.diff(b["query_start_loc"][num_decodes: num_seqs + 1])
         max_query_len = int(chunk_lens.max(initial=1))  # on the host: extend's grid, no device read
         gather = 0 < num_samples < num_tokens  # sampled rows are a subset of the tokens
@@ -171,4 +174,6 @@ class ModelRunner:
             t["block_tables"] = block_tables.to(self.device, non_blocking=True)
             if gather:
                 t["logits_indices"] = self._tensor("logits_indices", num_samples)
+        if feed is not None:
+            feed.patch_inputs(t["input_ids"])
         return run_forward(self.model, self.kv_caches, t, num_decodes, max_query_len, num_samples, gather)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Collection
 import numpy as np
 import torch
 
-from .kernels.sample import GREEDY_BELOW
+from .kernels.sample import GREEDY_BELOW, STATE_SHIFT
 
 if TYPE_CHECKING:
     from .tags import TagDetector
@@ -166,6 +166,13 @@ class DetectTables:
         return cls(*(torch.from_numpy(t).to(device) for t in (detector.next_state, detector.flags, detector.closing)))
 
 
+def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on `device` without waiting for the work queued there: a copy from
+    pageable memory would synchronise with the stream, so CUDA copies go through pinned memory."""
+    host = torch.from_numpy(np.ascontiguousarray(values))
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 def finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits with every row that holds a NaN or inf zeroed, bool [n] of the rows that did not):
     the sampler never sees a broken row, and the engine fails its request. No host sync."""
@@ -175,7 +182,8 @@ def finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
                       generator: torch.Generator, real_vocab: int, op: Callable, det_states: list[int],
-                      tables: DetectTables, stop_ids: list[Collection[int]]
+                      tables: DetectTables, stop_ids: list[Collection[int]],
+                      state_feed: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None
                       ) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
     """Picks one token per row of fp32 `logits` [n, V] and steps its tag automaton in one op
     (`op`: kernels.sample.sample_and_detect_ref or the Triton kernel); returns (token ids int32,
@@ -184,14 +192,18 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     `output_indices[i]` is how many tokens row i's request has generated so far (the noise index);
     `det_states[i]` its automaton state (-1: no detection), `stop_ids[i]` the ids that stop it;
     `generator` (on the CPU) draws unseeded rows' noise keys. Ids >= `real_vocab` (padding rows of
-    the embedding) are never chosen.
+    the embedding) are never chosen. `state_feed` (rows, words, word rows): those rows' automaton
+    states are the states in the detection words of a step whose results are still on the device.
     """
     rows = RowInputs.build(params, output_indices, generator, det_states, stop_ids, logits.device)
+    if state_feed is not None:
+        feed_rows, words, word_rows = state_feed
+        rows.det_states.index_copy_(0, feed_rows, words.index_select(0, word_rows) >> STATE_SHIFT)
     biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
     x = logits.clone() if biased else logits
     for row, bias in biased:
-        ids = torch.tensor(list(bias), device=logits.device)
-        x[row, ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=x.dtype)
+        ids = to_device(np.array(list(bias), dtype=np.int64), logits.device)
+        x[row, ids] += to_device(np.array(list(bias.values()), dtype=np.float32), logits.device).to(x.dtype)
     tokens, words, logprobs = op(x, rows.temperature, rows.top_k, rows.top_p, rows.keys, real_vocab, rows.det_states,
                                  tables.next_state, tables.flags, tables.closing, rows.stop_ids)
     if not any(p.logprobs for p in params):

@@ -25,6 +25,8 @@ class EngineStats:
     model_time: list[float] = field(default_factory=lambda: [0.0, 0.0])  # forward + sampling seconds
     steps: list[int] = field(default_factory=lambda: [0, 0])  # engine steps in which each model ran
     rows: list[int] = field(default_factory=lambda: [0, 0])  # sequences those steps carried, summed
+    steps_ahead: int = 0  # steps launched before the previous step's tokens reached the host (overlap)
+    rows_dropped: int = 0  # rows of those steps thrown away: the previous token ended or redirected the request
     held_steps: int = 0  # steps in which the policy held the big model back while rows waited for it
     big_waits: list[float] = field(default_factory=list)  # per handoff: tag sampled -> the big model runs for it
     policy: dict = field(default_factory=dict)  # the co-scheduling policy and its parameters
@@ -90,6 +92,8 @@ class EngineStats:
             "steps_big": self.steps[1] if self.num_models > 1 else None,
             "mean_rows_per_big_step": self.rows[1] / self.steps[1] if self.steps[1] else None,
             "held_steps": self.held_steps,
+            "steps_ahead": self.steps_ahead,
+            "rows_dropped": self.rows_dropped,
             "big_wait_p50_s": quantile(waits, 0.5),
             "big_wait_p99_s": quantile(waits, 0.99),
             "big_wait_max_s": waits[-1] if waits else None,

@@ -18,9 +18,9 @@ def static_decode(engine: Engine, max_batch: int) -> list[list[int]]:
         graphs = DecodeGraphs(model, runner.kv_caches, max_batch, runner.stride, engine.device, capture=False)
         run = graphs.run
 
-        def logged(buffers, num_seqs, width, run=run, graphs=graphs):
+        def logged(buffers, num_seqs, width, feed=None, run=run, graphs=graphs):
             log.append((num_seqs, next(b for b in graphs.buckets if b >= num_seqs)))
-            return run(buffers, num_seqs, width)
+            return run(buffers, num_seqs, width, feed)
 
         graphs.run = logged
         runner.graphs = graphs
