@@ -71,8 +71,9 @@ MODELS = {
                  intermediate_size=256, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
 }
 BIG_CARD_BYTES = 100e9  # 32B beside 1.5B needs more than an 80 GB card
-RATE_TARGETS = {"1.5B": {"H200": 750.0, "H100": 520.0}}  # decode tok/s, by card
-FLOOR_TARGET = 0.68  # 14B and 32B: fraction of the bandwidth floor
+# Fractions of the bandwidth floor (issue 13, on the H200: the 1.5B >= 980 tok/s); tiny only so
+# that --smoke runs this code.
+FLOOR_TARGETS = {"1.5B": 0.75, "14B": 0.68, "32B": 0.90, "tiny": 0.75}
 
 
 def config_for(name: str, smoke: bool) -> dict:
@@ -97,14 +98,14 @@ def kv_bytes_per_token(cfg: dict, elem: int) -> int:
     return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim(cfg) * elem
 
 
-def step_bytes(cfg: dict, context: float, elem: int) -> float:
-    """Bytes one decode step of one sequence must read: every weight once (the embedding only one
-    row, the LM head in full, tied or not) and the K and V of `context` tokens."""
+def step_bytes(cfg: dict, context: float, elem: int, batch: int = 1) -> float:
+    """Bytes one decode step of `batch` sequences must read: every weight once (the embedding one
+    row per sequence, the LM head in full, tied or not) and the K and V of `context` tokens each."""
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * head_dim(cfg), cfg["num_key_value_heads"] * head_dim(cfg)
     layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * inter + 2 * h  # qkv (+bias), o, MLP, 2 norms
-    weights = cfg["num_hidden_layers"] * layer + h + vocab * h + h  # final norm, LM head, one embedding row
-    return weights * elem + kv_bytes_per_token(cfg, elem) * context
+    weights = cfg["num_hidden_layers"] * layer + h + vocab * h + batch * h  # final norm, LM head, embedding rows
+    return weights * elem + kv_bytes_per_token(cfg, elem) * context * batch
 
 
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
@@ -122,13 +123,16 @@ def free_memory(device: torch.device) -> float:
     return torch.cuda.memory_allocated() / 2**30
 
 
-def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict:
+    """Decode tok/s of `batch` sequences decoding together (summed over them): each request's
+    generated tokens after its first, over the time from the last first token to the last finish."""
     elem = torch.empty((), dtype=dtype).element_size()
     max_len = args.prompt_len + args.new_tokens + 16
     start = time.perf_counter()
     engine = Engine(config_path, load_format="dummy", device=device.type, dtype=dtype,
-                    kv_cache_bytes=kv_bytes_per_token(cfg, elem) * (max_len + 64), max_model_len=max_len,
-                    max_num_seqs=1, kernels=args.kernels, cuda_graphs=args.cuda_graphs, progress=False,
+                    kv_cache_bytes=kv_bytes_per_token(cfg, elem) * (max_len + 64) * batch, max_model_len=max_len,
+                    max_num_seqs=batch, max_num_batched_tokens=max(2048, batch), kernels=args.kernels,
+                    cuda_graphs=args.cuda_graphs, progress=False, overlap=args.overlap,
                     tensor_parallel_size=args.tensor_parallel_size)
     build_s = time.perf_counter() - start
     vocab = cfg["vocab_size"]
@@ -138,16 +142,19 @@ def run_engine(config_path: Path, cfg: dict, args, device: torch.device, dtype: 
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     rates, ttfts = [], []
     for r in range(args.repeats):
-        out = engine.generate([random_prompt(args.prompt_len, vocab, 2 + r)], params, use_tqdm=False)[0]
-        if len(out.token_ids) != args.new_tokens:
-            raise RuntimeError(f"engine generated {len(out.token_ids)} tokens, expected {args.new_tokens}")
-        m = out.metrics
-        rates.append((len(out.token_ids) - 1) / (m.finished_time - m.first_token_time))
-        ttfts.append(m.first_token_time - m.arrival_time)
+        outs = engine.generate([random_prompt(args.prompt_len, vocab, 2 + r * batch + i) for i in range(batch)],
+                               params, use_tqdm=False)
+        if any(len(o.token_ids) != args.new_tokens for o in outs):
+            raise RuntimeError(f"engine generated {[len(o.token_ids) for o in outs]} tokens, expected {args.new_tokens}")
+        ms = [o.metrics for o in outs]
+        decode_s = max(m.finished_time for m in ms) - max(m.first_token_time for m in ms)
+        rates.append(sum(len(o.token_ids) - 1 for o in outs) / decode_s)
+        ttfts.append(max(m.first_token_time - m.arrival_time for m in ms))
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     engine.close()  # tensor parallel: the workers go before the next engine starts
     return {"tok_s": max(rates), "tok_s_all": rates, "ttft_s_best": min(ttfts), "build_s": build_s,
             "peak_gib": memory, "kernels": engine.ops.name, "cuda_graphs": engine.runners[0].graphs is not None,
+            "overlap": engine.overlap, "steps_ahead": engine.stats.steps_ahead, "batch": batch,
             "tensor_parallel_size": args.tensor_parallel_size}
 
 
@@ -203,19 +210,32 @@ def run_hf(cfg: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
             "build_s": build_s, "peak_gib": memory, "attn_implementation": "sdpa"}
 
 
+def run_batched(path: Path, cfg: dict, args, device: torch.device, dtype: torch.dtype, mean_context: float,
+                bw: float, elem: int) -> dict:
+    """The engine at batch args.batch beside its floor; a failure is reported, not raised."""
+    floor = args.batch * bw / step_bytes(cfg, mean_context, elem, args.batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        engine = run_engine(path, cfg, args, device, dtype, args.batch)
+    except Exception as e:
+        engine = {"error": f"{type(e).__name__}: {e}"}
+        print(f"batch {args.batch}: engine failed: {engine['error']}", file=sys.stderr)
+    free_memory(device)
+    out = {"batch": args.batch, "floor_tok_s": floor, "engine": engine}
+    if "tok_s" in engine:
+        out["engine_over_floor"] = engine["tok_s"] / floor
+    return out
+
+
 def target_for(name: str, card: "str | None", result: dict) -> "dict | None":
-    """The model's target with its figure and verdict; None where no target applies."""
-    if name in RATE_TARGETS:
-        for key, want in RATE_TARGETS[name].items():
-            if key in (card or ""):
-                return {"name": f"{name} engine decode", "value": result["engine"]["tok_s"], "unit": "tok/s",
-                        "target": f">= {want:g} tok/s on {key}", "meets": result["engine"]["tok_s"] >= want}
+    """The model's target (a fraction of its bandwidth floor) with its figure and verdict."""
+    want = FLOOR_TARGETS.get(name)
+    if want is None:
         return None
-    if name in ("14B", "32B", "tiny"):  # tiny: only so --smoke runs this code
-        value = result["engine_over_floor"]
-        return {"name": f"{name} engine decode / floor", "value": value, "unit": "fraction",
-                "target": f">= {FLOOR_TARGET:.0%} of the bandwidth floor", "meets": value >= FLOOR_TARGET}
-    return None
+    value = result["engine_over_floor"]
+    return {"name": f"{name} engine decode / floor", "value": value, "unit": "fraction",
+            "target": f">= {want:.0%} of the bandwidth floor", "meets": value >= want}
 
 
 def pick_models(requested: "list[str] | None", smoke: bool, total_bytes: "int | None") -> list[str]:
@@ -240,6 +260,10 @@ def main() -> None:
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                    help="the engine's kernels (default: auto; smoke: triton in the interpreter)")
     p.add_argument("--skip-hf", action="store_true", help="run the engine only")
+    p.add_argument("--batch", type=int, default=32, metavar="B",
+                   help="also run the engine at batch B, against its own floor (default: 32; smoke 3; 0: skip)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="the plain step loop: each step waits for the previous step's tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the engine's model over N GPUs (cuda:0..N-1); peak_gib is rank 0's (default: 1)")
     p.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: the code path, not a measurement")
@@ -252,6 +276,7 @@ def main() -> None:
     args.new_tokens = args.new_tokens or (6 if smoke else 128)
     args.kernels = args.kernels or ("triton" if smoke else "auto")
     args.cuda_graphs = False if smoke else None  # None: the engine's default (on with the Triton kernels)
+    args.batch = 3 if smoke and args.batch == 32 else args.batch
     info = card_info()
     card = info["card"] if device.type == "cuda" else None
     total = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else None
@@ -291,6 +316,8 @@ def main() -> None:
                 if "tok_s" in r.get("hf", {}):
                     r["engine_over_hf"] = r["engine"]["tok_s"] / r["hf"]["tok_s"]
                 r["target"] = target_for(name, card, r)
+            if args.batch > 1:
+                r["batched"] = run_batched(path, cfg, args, device, dtype, mean_context, bw, elem)
             results[name] = r
             e, h = r["engine"].get("tok_s"), r.get("hf", {}).get("tok_s")
             print(f"  {name}: engine {e if e is None else round(e, 1)} tok/s, HF {h if h is None else round(h, 1)} "
@@ -307,6 +334,14 @@ def main() -> None:
               f"{fmt(r.get('engine_over_hf'), '.2f'):>7} {fmt(r.get('engine_over_floor'), '.1%'):>9} "
               f"{fmt(h / r['floor_tok_s'] if h else None, '.1%'):>8} {fmt(r['engine'].get('ttft_s_best'), '.3f'):>7}")
     print("(floor: bytes read per step at the copy bandwidth, which counts read + write)")
+    batched = {n: r["batched"] for n, r in results.items() if r.get("batched")}
+    if batched:
+        print(f"\ndecode, batch {args.batch} (engine only), tok/s summed over the batch")
+        print(f"{'model':>6} {'engine':>9} {'floor':>9} {'eng/floor':>9}")
+        for name, b in batched.items():
+            e = b["engine"].get("tok_s")
+            print(f"{name:>6} {'-' if e is None else format(e, '9.1f'):>9} {b['floor_tok_s']:>9.1f} "
+                  f"{'-' if e is None else format(e / b['floor_tok_s'], '.1%'):>9}")
     goals = [r["target"] for r in results.values() if r.get("target")]
     for name, r in results.items():
         if "error" in r["engine"]:  # a failed run misses its target
@@ -318,8 +353,6 @@ def main() -> None:
         value = "-" if t["value"] is None else (f"{t['value']:.1%}" if t["unit"] == "fraction"
                                                 else f"{t['value']:.1f} {t['unit']}")
         print(f"  {t['name']:<32} {value:>12}  {t['target']:<32} {'meets' if t['meets'] else 'MISSES'}")
-    if card and not any(k in card for k in ("H100", "H200")):
-        print(f"  (no tok/s target for {card}: the 1.5B targets are the H100's and the H200's)")
     write_json(args.json, {"benchmark": "gpu_decode", "smoke": smoke, "machine": machine(), **info,
                            "copy_bandwidth_gb_s": bw / 1e9, "copy_bandwidth_convention": "bytes read + bytes written",
                            "floor_convention": "copy bandwidth (read+write bytes/s) / bytes read per step",
