@@ -15,14 +15,21 @@ mass first reaches top_p. The reference finds both by sorting, the kernel by sea
 range; with the set defined by a value threshold, ties at the threshold are all kept by both. The
 top-p crossing token can still differ where the cumulative mass is within fp32 rounding of top_p
 (the sums run in different orders).
+
+NONFINITE (16) in the detection word flags a row whose real vocabulary (ids < real_vocab) holds a
+NaN, +inf or -inf logit, as torch.isfinite would: no legitimate input puts -inf there (logit_bias
+is validated to [-100, 100]; the model's logits are finite), so such a row's token is meaningless
+and its request should fail. The token is still some id < real_vocab, and the other bits are
+computed as for any row. Padding ids (>= real_vocab) are not checked.
 """
 
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (scaled logits would overflow)
 
-# Detection word: (next_state << STATE_SHIFT) | flags. OPEN / CLOSE are tags.OPEN / tags.CLOSE.
-OPEN, CLOSE, CLOSING, STOP = 1, 2, 4, 8
+# Detection word: (next_state << STATE_SHIFT) | flags. OPEN / CLOSE are tags.OPEN / tags.CLOSE;
+# NONFINITE: the row's logits (ids < real_vocab) hold a NaN or an inf (see the module doc).
+OPEN, CLOSE, CLOSING, STOP, NONFINITE = 1, 2, 4, 8, 16
 STATE_SHIFT = 8
 
 _MASK32 = 0xFFFFFFFF
@@ -93,9 +100,9 @@ def sample_and_detect_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k
     [n, K] (-1 padded). next_state [S, V'] / tag_flags [S, V'] / closing [S] are TagDetector's
     tables. Ids >= real_vocab are never chosen and left out of the logprob normalisation.
 
-    Returns (tokens int32, words int32 = (next_state << 8) | OPEN | CLOSE | CLOSING | STOP,
-    logprobs fp32 = log_softmax(logits)[token]); rows with det_state -1 get tag bits and
-    next_state 0.
+    Returns (tokens int32, words int32 = (next_state << 8) | OPEN | CLOSE | CLOSING | STOP | NONFINITE,
+    logprobs fp32 = log_softmax(logits)[token]); rows with det_state -1 get no tag bits and
+    next_state 0; STOP and NONFINITE are set whatever the det_state.
     """
     x = logits[:, :real_vocab].float()
     greedy = temperature < GREEDY_BELOW
@@ -117,4 +124,5 @@ def sample_and_detect_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k
     flags = tag_flags[state, token].long() | (closing[nxt].long() != 0) * CLOSING
     words = torch.where(detect, (nxt << STATE_SHIFT) | flags, 0)
     words |= (stop_ids == tokens[:, None]).any(dim=-1).long() * STOP
+    words |= (~torch.isfinite(x).all(dim=-1)).long() * NONFINITE
     return tokens.to(torch.int32), words.to(torch.int32), logprobs

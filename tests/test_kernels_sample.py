@@ -2,9 +2,10 @@
 its PyTorch reference, the reference against a plain-Python noise hash and TagDetector.step, and
 the kernel's samples against the filtered distribution.
 
-The interpreter is slow (a filtered row costs tens of milliseconds), so vocabularies are a few
-hundred ids and blocks 128 long: several blocks with a ragged tail. The `gpu` tests run the real
-vocabulary size. Inputs are fresh each run; the seed is in every failure message.
+The interpreter is slow (every phase is a launch of rows x chunks programs), so vocabularies are a
+few hundred to a few thousand ids, split into chunks of 128-512 ids (several chunks per row, a
+ragged last one), and each call mixes many kinds of rows. The `gpu` tests run the real vocabulary
+size. Inputs are fresh each run; the seed is in every failure message.
 """
 
 import math
@@ -15,14 +16,19 @@ import pytest
 import torch
 
 from splitreason_engine import sampling, tags
-from splitreason_engine.kernels.sample import CLOSE, CLOSING, OPEN, STATE_SHIFT, STOP, noise_uniform, sample_and_detect_ref
-from splitreason_engine.kernels.sample_triton import sample_and_detect
+from splitreason_engine.kernels.sample import (CLOSE, CLOSING, NONFINITE, OPEN, STATE_SHIFT, STOP, noise_uniform,
+                                               sample_and_detect_ref)
+from splitreason_engine.kernels.sample_triton import (SAMPLE_CANDIDATES, launch_config, sample_and_detect, sample_key,
+                                                      search_passes)
 from splitreason_engine.sampling import DetectTables, SamplingParams
 from splitreason_engine.tags import TagDetector, Tags
 
 pytestmark = pytest.mark.interpreter  # the CPU tests; the gpu-marked ones run on CUDA
 
-BLOCK = 128
+# Chunks of 128 ids in steps of 64 (3 chunks over the 301 logits, a ragged last one); 256 pivots: 4
+# search passes per threshold.
+CFG = {"block": 64, "chunk": 128, "pivots": 256}
+DTYPES = [torch.float32, torch.float16]
 PAD = 35  # padding ids past the real vocabulary, with huge logits
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -134,11 +140,12 @@ def test_tag_bits_are_the_detector_flags():
     assert (OPEN, CLOSE) == (tags.OPEN, tags.CLOSE)
 
 
-@pytest.mark.parametrize("n", [1, 10])
-@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-def test_kernel_matches_reference(seed, detector, n, ties):
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,ties", [(1, False), (10, False), (10, True)], ids=["1", "10", "10-ties"])
+def test_kernel_matches_reference(seed, detector, n, ties, dtype):
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     args = _batch(rng, g, n, detector, ties)
+    args["logits"] = args["logits"].to(dtype)
     tables = dict(zip(("next_state", "tag_flags", "closing"), _tables(detector, CPU)))
     first, _, _ = sample_and_detect_ref(**args, **tables, stop_ids=torch.empty(n, 0, dtype=torch.int32))
     args = {**_with_stops(rng, args, first), **tables}
@@ -157,7 +164,7 @@ def test_kernel_matches_reference(seed, detector, n, ties):
         assert seen & (OPEN | CLOSE | CLOSING | STOP) == OPEN | CLOSE | CLOSING | STOP, msg
 
     out = _poisoned(n, CPU)
-    got = sample_and_detect(**args, out=out, block=BLOCK)
+    got = sample_and_detect(**args, out=out, config=CFG)
     assert all(a is b for a, b in zip(got, out))
     assert out[0].tolist() == tokens.tolist(), msg
     assert out[1].tolist() == words.tolist(), msg
@@ -171,9 +178,121 @@ def test_kernel_without_stops_or_detection(seed, detector):
                                                              _tables(detector, CPU)))}
     args["det_states"].fill_(-1)
     args["stop_ids"] = torch.empty(4, 0, dtype=torch.int32)
-    tokens, words, _ = sample_and_detect(**args, block=BLOCK)
+    tokens, words, _ = sample_and_detect(**args, config=CFG)
     assert tokens.tolist() == sample_and_detect_ref(**args)[0].tolist(), f"seed {seed}"
     assert words.tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_kernel_without_filters_is_one_launch(seed, detector, dtype):
+    """Greedy and plain-temperature rows (with logprobs, stops and detection) with filters=False:
+    the statistics launch alone gives the reference's results."""
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    args = {**_batch(rng, g, 6, detector, False), **dict(zip(("next_state", "tag_flags", "closing"),
+                                                             _tables(detector, CPU)))}
+    args["logits"] = args["logits"].to(dtype)
+    args["temperature"] = torch.tensor([0.0, 1.0, 0.7, 0.0, 2.0, 1e-6])
+    args["top_k"].zero_()
+    args["top_p"].fill_(1.0)
+    args = _with_stops(rng, args, sample_and_detect_ref(**args, stop_ids=torch.empty(6, 0, dtype=torch.int32))[0])
+    expected = sample_and_detect_ref(**args)
+    got = sample_and_detect(**args, config=CFG, filters=False)
+    msg = f"seed {seed}"
+    again = sample_and_detect(**args, config=CFG, filters=False)  # the merges reset the row counters
+    assert all(torch.equal(a, b) for a, b in zip(again, got)), msg
+    assert got[0].tolist() == expected[0].tolist(), msg
+    assert got[1].tolist() == expected[1].tolist(), msg
+    torch.testing.assert_close(got[2], expected[2], atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+
+
+def _filtered_rows(g: torch.Generator, n: int, vocab: int, dtype: torch.dtype) -> dict:
+    """n rows over `vocab` ids (+ 29 padding ids with huge logits): every kind of filter, rows whose
+    mass sits in one chunk, ties at the top-k / top-p thresholds, a flat row (top-p keeps most of it)."""
+    kinds = [(0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 40, 0.6), (0.9, 300, 0.95), (2.0, 0, 0.05), (1.0, 7, 1.0),
+             (0.6, 0, 0.95), (0.8, 1000, 0.5), (1.1, 2, 1.0), (0.0, 5, 0.9), (1.0, 0, 1.0), (1.5, 0, 0.99)]
+    logits = torch.randn(n, vocab + 29, generator=g) * (1 + 3 * torch.rand(n, 1, generator=g))
+    logits[:, vocab:] = 1e4
+    logits[1, 700:720] += 12  # the mass in one chunk
+    logits[5, :] = logits[5].round()  # many ties: the top-k threshold falls inside a group of equal logits
+    logits[5, [3, 900, vocab - 1]] = 9.0
+    logits[6, :] = 0.01 * logits[6]  # nearly flat: top-p keeps most of the row
+    logits[8, [10, 500, vocab - 2]] = 8.0  # top-k 2 among three equal maxima: all three kept
+    kinds = [kinds[i % len(kinds)] for i in range(n)]
+    return dict(logits=logits.to(dtype), temperature=torch.tensor([k[0] for k in kinds]),
+                top_k=torch.tensor([k[1] for k in kinds], dtype=torch.int32),
+                top_p=torch.tensor([k[2] for k in kinds]), keys=torch.randint(0, 2**63 - 1, (n,), generator=g),
+                real_vocab=vocab, det_states=torch.full((n,), -1, dtype=torch.int32),
+                next_state=torch.zeros(1, 1, dtype=torch.int32), tag_flags=torch.zeros(1, 1, dtype=torch.uint8),
+                closing=torch.zeros(1, dtype=torch.bool),
+                stop_ids=torch.randint(0, vocab, (n, 5), generator=g, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("vocab,n,cfg,dtype", [
+    (3001, 10, {"block": 256, "chunk": 768, "pivots": 256}, torch.float32),
+    (3001, 10, {"block": 256, "chunk": 768, "pivots": 256}, torch.float16),
+    (1000, 9, {"block": 128, "chunk": 384, "pivots": 16}, torch.float32)],
+    ids=["3001x10-fp32", "3001x10-fp16", "1000x9-16-pivots"])
+def test_kernel_matches_reference_over_chunks(seed, dtype, vocab, n, cfg):
+    """Vocabularies that are neither powers of 2 nor multiples of the chunk, 3-4 chunks per row,
+    every filter; with 16 pivots a threshold takes 8 passes (top-k then top-p: 16)."""
+    g = torch.Generator().manual_seed(seed)
+    args = _filtered_rows(g, n, vocab, dtype)
+    args["stop_ids"][::2, 2] = sample_and_detect_ref(**args)[0][::2]  # every other row hits a stop id
+    tokens, words, logprobs = sample_and_detect_ref(**args)
+    assert words[::2].tolist() == [STOP] * len(words[::2])
+    got = sample_and_detect(**args, config=cfg)
+    msg = f"seed {seed}"
+    assert got[0].tolist() == tokens.tolist(), msg
+    assert got[1].tolist() == words.tolist(), msg
+    torch.testing.assert_close(got[2], logprobs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_nonfinite_rows_are_flagged(seed, dtype):
+    """NONFINITE marks the rows whose real vocabulary holds a NaN, +inf or -inf, in the reference and
+    the kernel alike; padding ids are not checked. Flagged rows still get an id < real_vocab and the
+    other rows are untouched; a row whose only non-finite logits are -inf is sampled as the reference
+    samples it (those ids never win)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, n = 1000, 9
+    args = _filtered_rows(g, n, vocab, dtype)
+    x = args["logits"]
+    x[0, 17] = math.nan
+    x[1, 640] = math.inf
+    x[2, [5, 300, 999]] = -math.inf  # -inf in a filtered row
+    x[3, 900] = math.nan
+    x[3, 901] = -math.inf
+    x[4, :] = -math.inf  # -inf everywhere but one id
+    x[4, 123] = 1.0
+    x[6, vocab + 3] = math.nan  # padding: not checked
+    x[7, [0, 999]] = -math.inf  # -inf at the vocabulary's ends
+    args["temperature"][[0, 7]] = 0.0  # greedy rows too
+    tokens, words, logprobs = sample_and_detect_ref(**args)
+    flagged = [0, 1, 2, 3, 4, 7]
+    assert [bool(w & NONFINITE) for w in words.tolist()] == [i in flagged for i in range(n)]
+    got = sample_and_detect(**args, config={"block": 128, "chunk": 384, "pivots": 256})
+    msg = f"seed {seed}"
+    assert got[1].tolist() == words.tolist(), msg  # flags (and stop bits) agree
+    assert all(0 <= t < vocab for t in got[0].tolist()), msg
+    same = [2, 4, 5, 6, 7, 8]  # finite rows, and rows with -inf but no NaN / +inf
+    assert got[0][same].tolist() == tokens[same].tolist(), msg
+    torch.testing.assert_close(got[2][same], logprobs[same], atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+    assert int(got[0][4]) == 123, msg
+
+
+def test_launch_configuration():
+    """sample_key buckets the rows; config overrides the heuristic; the chunk is rounded up to a
+    multiple of the block; the search passes narrow any key interval."""
+    assert sample_key(151936, 1) == "vocab=151936,rows=1"
+    assert sample_key(151936, 20) == "vocab=151936,rows=32"
+    assert sample_key(151936, 1000) == "vocab=151936,rows=256"
+    assert launch_config(1000, 3, CPU, {"block": 128, "chunk": 300})["chunk"] == 384
+    assert all({"block", "chunk", "num_warps", "pivots"} <= set(c) for c in SAMPLE_CANDIDATES)
+    assert all(launch_config(151936, 32, CPU, c) == c for c in SAMPLE_CANDIDATES)
+    with pytest.raises(ValueError):
+        launch_config(1000, 1, CPU, {"block": 100})
+    assert [search_passes(p) for p in (4, 16, 256)] == [16, 8, 4]
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,n", [(0.8, 0, 1.0, 400), (1.2, 5, 0.7, 200)],
@@ -198,7 +317,8 @@ def test_kernel_samples_follow_filtered_softmax(seed, temperature, top_k, top_p,
         logits[None].repeat(n, 1), torch.full((n,), temperature), torch.full((n,), top_k, dtype=torch.int32),
         torch.full((n,), top_p), torch.randint(0, 2**63 - 1, (n,), generator=g), 8,
         torch.full((n,), -1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
-        torch.zeros(1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.bool), torch.empty(n, 0, dtype=torch.int32))
+        torch.zeros(1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.bool), torch.empty(n, 0, dtype=torch.int32),
+        config={"block": 64, "chunk": 64, "pivots": 256}, filters=top_k > 0 or top_p < 1)
     counts = torch.bincount(tokens.long(), minlength=8).double()
     assert torch.all(counts[expected == 0] == 0), f"seed {seed}: sampled outside the support {counts}"
     p = expected[expected > 0]
