@@ -92,8 +92,10 @@ def _thresholds(x: torch.Tensor, inv_t: torch.Tensor, top_k: torch.Tensor,
 def sample_and_detect_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                           top_p: torch.Tensor, keys: torch.Tensor, real_vocab: int, det_states: torch.Tensor,
                           next_state: torch.Tensor, tag_flags: torch.Tensor, closing: torch.Tensor,
-                          stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          stop_ids: torch.Tensor, filters: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples one token per row of fp32 `logits` [n, V] and steps its tag automaton.
+    (`filters` False promises that no row uses top-k or top-p: the kernel then skips its searches;
+    here it changes nothing.)
 
     Per row: temperature (< GREEDY_BELOW: argmax), top_k (<= 0: off), top_p (1: off), keys (the
     63-bit noise key); det_states (automaton state before the token, -1: no detection); stop_ids

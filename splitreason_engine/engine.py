@@ -23,6 +23,7 @@ from .decode_graphs import DecodeGraphs
 from .inflight import Batch, Feed, Results, Step
 from .jit import jit_compiles
 from .kernels.ops import select_ops
+from .kernels.sample import NONFINITE
 from .kv_pool import KVPool, arena_page_bytes, available_bytes, geometry, page_bytes_for
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
@@ -30,7 +31,7 @@ from .parallel import TPFailure, TPGroup, WorkerSpec, check_divisible, local_hea
 from .protocol import CATCH_UP_POLICIES, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, MODEL_NAMES, SMALL, Request, RequestBook
 from .runner import ModelRunner, StepLink, message_capacity
-from .sampling import DetectTables, SamplingParams, finite_rows, sample_and_detect, to_device
+from .sampling import DetectTables, SamplingParams, sample_and_detect, to_device
 from .stats import EngineStats
 from .step_costs import StepCosts, WallClock, measure
 from .tags import TagDetector, Tags, token_bytes
@@ -442,14 +443,13 @@ class Engine:
         logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
         if num_samples == 0:
             return None
-        logits, finite = finite_rows(logits)
         # A row fed from the previous step samples the token after the one the host has not seen.
         indices = [r.flow.next_index() + (row in fed) for row, r in enumerate(reqs)]
         state_feed = (feed.sample_rows, feed.source.words, feed.state_rows) if feed is not None else None
         tokens, words, logprobs = sample_and_detect(
             logits, [r.params for r in reqs], indices, self._generator, self.real_vocab[m], self.ops.sample_and_detect,
             [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed)
-        results = Results.copy_back(tokens, words, finite, logprobs)
+        results = Results.copy_back(tokens, words, logprobs)
         return Batch(m, reqs, results, {row: size for row, (_, size) in fed.items()})
 
     def _feed(self, m: int, buffers: dict, num_seqs: int, reqs: list[Request], fed: dict, source: Results) -> Feed:
@@ -507,7 +507,8 @@ class Engine:
         rows = []
         for batch in step.batches:
             m, began = batch.model, self.clock.now()
-            tokens, words, finite, logprobs = batch.results.wait()
+            tokens, words, logprobs = batch.results.wait()
+            finite = [not word & NONFINITE for word in words]
             self.stats.model_time[m] += self.clock.now() - began
             for row, (req, ok, token, word, logprob) in enumerate(zip(batch.reqs, finite, tokens, words, logprobs)):
                 if batch.valid is not None and not batch.valid[row]:

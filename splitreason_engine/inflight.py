@@ -19,16 +19,15 @@ class Results:
 
     tokens: torch.Tensor  # int32 [n] on the device
     words: torch.Tensor  # int32 [n] detection words, on the device
-    host: torch.Tensor  # int32 [3, n]: tokens, words, finite (1) or not (0); pinned on CUDA
+    host: torch.Tensor  # int32 [2, n]: tokens, words; pinned on CUDA
     logprobs: "torch.Tensor | None"  # fp32 [n] on the host, or None
     ready: "torch.cuda.Event | None"  # recorded after the copies (None on the CPU: they are done)
 
     @classmethod
-    def copy_back(cls, tokens: torch.Tensor, words: torch.Tensor, finite: torch.Tensor,
-                  logprobs: "torch.Tensor | None") -> "Results":
+    def copy_back(cls, tokens: torch.Tensor, words: torch.Tensor, logprobs: "torch.Tensor | None") -> "Results":
         cuda = tokens.device.type == "cuda"
-        host = torch.empty(3, tokens.shape[0], dtype=torch.int32, pin_memory=cuda)
-        host.copy_(torch.stack([tokens, words, finite.to(torch.int32)]), non_blocking=True)
+        host = torch.empty(2, tokens.shape[0], dtype=torch.int32, pin_memory=cuda)
+        host.copy_(torch.stack([tokens, words]), non_blocking=True)
         logprobs_host = None
         if logprobs is not None:
             logprobs_host = torch.empty(logprobs.shape, dtype=torch.float32, pin_memory=cuda)
@@ -39,13 +38,13 @@ class Results:
             ready.record()
         return cls(tokens, words, host, logprobs_host, ready)
 
-    def wait(self) -> tuple[list[int], list[int], list[bool], list]:
-        """(tokens, words, finite, logprobs) as Python lists, once the copies have landed."""
+    def wait(self) -> tuple[list[int], list[int], list]:
+        """(tokens, words, logprobs) as Python lists, once the copies have landed."""
         if self.ready is not None:
             self.ready.synchronize()
-        tokens, words, finite = self.host.tolist()
+        tokens, words = self.host.tolist()
         logprobs = self.logprobs.tolist() if self.logprobs is not None else [None] * len(tokens)
-        return tokens, words, [bool(f) for f in finite], logprobs
+        return tokens, words, logprobs
 
 
 @dataclass

@@ -173,13 +173,6 @@ def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-def finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits with every row that holds a NaN or inf zeroed, bool [n] of the rows that did not):
-    the sampler never sees a broken row, and the engine fails its request. No host sync."""
-    finite = torch.isfinite(logits).all(dim=-1)
-    return torch.where(finite[:, None], logits, logits.new_zeros(())), finite
-
-
 def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
                       generator: torch.Generator, real_vocab: int, op: Callable, det_states: list[int],
                       tables: DetectTables, stop_ids: list[Collection[int]],
@@ -204,8 +197,9 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     for row, bias in biased:
         ids = to_device(np.array(list(bias), dtype=np.int64), logits.device)
         x[row, ids] += to_device(np.array(list(bias.values()), dtype=np.float32), logits.device).to(x.dtype)
+    filters = any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params)
     tokens, words, logprobs = op(x, rows.temperature, rows.top_k, rows.top_p, rows.keys, real_vocab, rows.det_states,
-                                 tables.next_state, tables.flags, tables.closing, rows.stop_ids)
+                                 tables.next_state, tables.flags, tables.closing, rows.stop_ids, filters=filters)
     if not any(p.logprobs for p in params):
         return tokens, words, None
     if biased:  # logprobs are those of the unbiased distribution

@@ -217,3 +217,33 @@ def test_params_are_those_of_the_plain_loop(pair, oracle):
         tokens[event.index] += event.token_ids
     assert tokens == [o.token_ids for o in whole]
     assert_clean(engine)
+
+
+def test_non_finite_logits_fail_only_their_request_when_overlapped(pair, oracle, monkeypatch):
+    """The sampler flags a row with a NaN logit (NONFINITE); the token it still picks may already
+    feed the step launched ahead, whose row for that request is then dropped with the request."""
+    reqs = mixed_requests(oracle)
+    prompts, params = [r.question for r in reqs], [params_for(r) for r in reqs]
+    kwargs = dict(kv_cache_bytes=1 << 24, max_model_len=256, progress=False)
+    plain = Engine(*pair, overlap=False, **kwargs).generate(prompts, params, use_tqdm=False)
+    engine = Engine(*pair, overlap=True, **kwargs)
+    runner, victim = engine.runners[0], 8  # the first small-mode request (mixed_requests order)
+    assert reqs[victim].mode == "small"
+    execute = runner.execute
+
+    def poisoned(*args):
+        logits = execute(*args)
+        ids = runner.buffers["sample_request_ids"][:logits.shape[0]].tolist()
+        req = engine.book.live.get(victim)
+        if victim in ids and len(req.tokens) >= 3:
+            logits[ids.index(victim), 7] = float("nan")
+        return logits
+
+    monkeypatch.setattr(runner, "execute", poisoned)
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    for i, (a, b) in enumerate(zip(plain, outs)):
+        if i == victim:
+            assert b.finish_reason == "error" and "not finite" in b.error and b.token_ids == a.token_ids[:3]
+        else:
+            assert (b.token_ids, b.token_models, b.finish_reason) == (a.token_ids, a.token_models, a.finish_reason)
+    assert_clean(engine)
