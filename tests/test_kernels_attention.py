@@ -6,16 +6,25 @@ real model shapes. Caches are layer views of a multi-layer arena laid out like K
 pages), pages are a random permutation of a pool larger than needed, and every output starts as
 NaN so that an element the kernel fails to write fails the test. Inputs are fresh each run; the
 seed is in every failure message.
+
+Decode is one launch whose splits are merged by the last program to finish (a counter per
+(sequence, KV head) in a cached scratch buffer, which every call leaves zeroed). On the CPU its
+heuristic uses short splits (32 tokens, up to CPU_SPLITS), so the default-config tests already
+merge; explicit `config`s give one split, several, and every candidate of the sweep.
 """
 
+import json
 import os
 
 import pytest
 import torch
 
 from splitreason_engine.kernels import paged_decode_attention_ref, paged_extend_attention_ref
-from splitreason_engine.kernels.paged_attention_triton import (CPU_SPLITS, decode_splits, paged_decode_attention,
-                                                               paged_extend_attention)
+from splitreason_engine.kernels import paged_attention_triton as pa
+from splitreason_engine.kernels import tuning
+from splitreason_engine.kernels.paged_attention_triton import (CPU_SPLITS, DECODE_CANDIDATES, decode_config,
+                                                               decode_counters, decode_key, decode_splits,
+                                                               paged_decode_attention, paged_extend_attention)
 
 pytestmark = pytest.mark.interpreter  # the CPU tests; the gpu-marked ones run on CUDA
 
@@ -120,10 +129,139 @@ def test_decode_split_counts_agree():
     outs = {}
     for splits in (1, 3, 9):
         outs[splits] = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.2, max_splits=splits,
-                                              out=nan_like(q))
+                                              out=nan_like(q), config={"block_n": 16, "min_split_tokens": 8})
         assert_close(outs[splits], ref, TOL[torch.float32], f"seed {seed}, max_splits {splits}")
     for splits in (3, 9):
         assert_close(outs[splits], outs[1], 1e-5, f"seed {seed}, max_splits {splits} vs 1")
+    assert (decode_counters(1, CPU) == 0).all()
+
+
+def used_splits(seq_len: int, cfg: dict) -> int:
+    """The kernel's split count for a sequence (the module doc's formula)."""
+    n0 = max(1, min(cfg["max_splits"], -(-seq_len // cfg["min_split_tokens"])))
+    split_tokens = max(1, -(-(-(-seq_len // n0)) // cfg["block_n"])) * cfg["block_n"]
+    return max(1, -(-seq_len // split_tokens))
+
+
+# (query heads, kv heads, head dim, page tokens, config): GQA 1, 3, 8 and 5; head dims 20, 40, 24,
+# 48; pages 7, 11, 5, 3; 16- or 32-token tiles, splits of >= 16 to 48 tokens, up to 3 to 8 of them.
+SPLIT_CASES = [
+    (2, 2, 20, 7, {"block_n": 16, "min_split_tokens": 16, "max_splits": 8}),
+    (6, 2, 40, 11, {"block_n": 16, "min_split_tokens": 40, "max_splits": 5}),
+    (8, 1, 24, 5, {"block_n": 32, "min_split_tokens": 16, "max_splits": 3}),
+    (10, 2, 48, 3, {"block_n": 16, "min_split_tokens": 48, "max_splits": 4}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"hq{c[0]}-hkv{c[1]}-d{c[2]}-p{c[3]}" for c in SPLIT_CASES])
+def test_decode_splits_follow_the_context(case, dtype):
+    """A batch of mixed lengths (padding rows of 0, one split, several, the most the grid has)
+    under a config of short splits: every row matches the ref and the counters are left at 0."""
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, p, cfg = case
+    tile = cfg["block_n"]
+    longest = cfg["max_splits"] * -(-cfg["min_split_tokens"] // tile) * tile  # just reaches max_splits
+    lengths = [0, 1, cfg["min_split_tokens"], cfg["min_split_tokens"] + 1, 2 * p + 1, 0,
+               int(torch.randint(50, 140, (1,), generator=gen)), longest, longest + 7]
+    lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=gen).tolist()]
+    counts = {used_splits(n, cfg) for n in lengths}
+    assert 1 in counts and cfg["max_splits"] in counts and len(counts) >= 3, counts
+    k_cache, v_cache, block_tables = paged_kv(lengths, p, hkv, d, dtype, gen)
+    q = make_q(len(lengths), hq, hkv, d, dtype, gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = d ** -0.5
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=nan_like(q), config=cfg)
+    ref = decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    assert_close(out, ref, TOL[dtype], f"seed {seed}, lengths {lengths}")
+    assert (out[seq_lens == 0] == 0).all(), f"seed {seed}: rows of length 0 must be zeros"
+    assert (decode_counters(1, CPU) == 0).all(), f"seed {seed}: counters left set"
+
+
+def test_decode_counters_reset_between_calls():
+    """Two calls in a row with other lengths (as CUDA-graph replays do) both merge correctly: the
+    last program of each (sequence, KV head) puts its counter back to 0. The same inputs give the
+    same bits again (the merge's order is fixed)."""
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, p = 6, 2, 20, 7
+    cfg = {"block_n": 16, "min_split_tokens": 16, "max_splits": 6}
+    width_lengths = [90, 90, 90, 90]
+    k_cache, v_cache, block_tables = paged_kv(width_lengths, p, hkv, d, torch.float32, gen)
+    q = make_q(4, hq, hkv, d, torch.float32, gen)
+    counters = decode_counters(4 * hkv, CPU)
+    assert (counters == 0).all()
+    firsts = []
+    for lengths in ([90, 33, 0, 17], [5, 90, 61, 0], [90, 33, 0, 17]):
+        seq_lens = torch.tensor(lengths, dtype=torch.int32)
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q), config=cfg)
+        ref = decode_ref(q, k_cache, v_cache, block_tables, seq_lens, 0.3)
+        assert_close(out, ref, TOL[torch.float32], f"seed {seed}, lengths {lengths}")
+        assert decode_counters(4 * hkv, CPU) is counters and (counters == 0).all(), f"seed {seed}, lengths {lengths}"
+        firsts.append(out)
+    assert torch.equal(firsts[0], firsts[2]), f"seed {seed}: the same call gave other bits"
+
+
+def test_decode_counters_grow_and_keep_the_old_buffer():
+    buf = decode_counters(1, CPU)
+    assert buf.dtype == torch.int32 and buf.numel() >= pa.COUNTERS_MIN
+    assert decode_counters(buf.numel(), CPU) is buf
+    grown = decode_counters(buf.numel() + 1, CPU)
+    assert grown.numel() > buf.numel() and (grown == 0).all()
+    assert any(old is buf for old in pa._OUTGROWN)  # graphs captured before still point at it
+    assert decode_counters(1, CPU) is grown
+
+
+def test_decode_every_candidate_matches_ref():
+    """Every DECODE_CANDIDATES config (num_warps and num_stages are launch options the interpreter
+    ignores, so each distinct (block_n, min_split_tokens) runs once), with several splits."""
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, p = 3, 1, 24, 9
+    lengths = [0, 520, 130]
+    k_cache, v_cache, block_tables = paged_kv(lengths, p, hkv, d, torch.float32, gen)
+    q = make_q(len(lengths), hq, hkv, d, torch.float32, gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    ref = decode_ref(q, k_cache, v_cache, block_tables, seq_lens, 0.3)
+    distinct = {(c["block_n"], c["min_split_tokens"]): c for c in DECODE_CANDIDATES}
+    assert len(DECODE_CANDIDATES) >= 2 * len(distinct)
+    for cfg in distinct.values():
+        assert used_splits(520, {**cfg, "max_splits": CPU_SPLITS}) > 1
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q), config=cfg)
+        assert_close(out, ref, TOL[torch.float32], f"seed {seed}, config {cfg}")
+    assert (decode_counters(1, CPU) == 0).all()
+
+
+def test_decode_key_and_config(tmp_path, monkeypatch):
+    """The key buckets the batch; a config overrides the card's tuned entry, which overrides the
+    heuristic; unknown or invalid parameters are refused."""
+    key = decode_key(3, 12, 2, 128, 16, torch.bfloat16)
+    assert key == "batch=4,hq=12,hkv=2,d=128,page=16,dtype=bfloat16"
+    assert decode_key(4, 12, 2, 128, 16, torch.bfloat16) == key
+    assert decode_key(1000, 40, 8, 128, 16, torch.float16).startswith("batch=64,hq=40,hkv=8,")
+    assert set(decode_config(3, 12, 2, 128, 16, torch.float32, CPU)) == set(DECODE_CANDIDATES[0]) | {"max_splits"}
+    assert decode_config(3, 12, 2, 128, 16, torch.float32, CPU)["max_splits"] == CPU_SPLITS
+    tuned = {"block_n": 16, "min_split_tokens": 12, "max_splits": 7}
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({"card": "test", "kernels": {"decode_attention": {
+        decode_key(2, 4, 2, 12, 5, torch.float32): tuned}}}))
+    monkeypatch.setenv(tuning.CONFIG_ENV, str(path))
+    assert decode_config(2, 4, 2, 12, 5, torch.float32, CPU) | tuned == decode_config(2, 4, 2, 12, 5, torch.float32, CPU)
+    assert decode_config(2, 4, 2, 12, 5, torch.float32, CPU, {"max_splits": 2})["max_splits"] == 2
+    assert decode_config(2, 4, 2, 12, 5, torch.float16, CPU)["max_splits"] == CPU_SPLITS  # another key
+    # The kernel runs the tuned entry: 50 tokens make 4 splits of 16 (7 allowed).
+    gen = torch.Generator().manual_seed(new_seed())
+    lengths = [50, 0]
+    k_cache, v_cache, block_tables = paged_kv(lengths, 5, 2, 12, torch.float32, gen)
+    q = make_q(2, 4, 2, 12, torch.float32, gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    assert used_splits(50, tuned) == 4
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q))
+    assert_close(out, decode_ref(q, k_cache, v_cache, block_tables, seq_lens, 0.3), TOL[torch.float32], "tuned")
+    for bad in ({"block_n": 24}, {"min_split_tokens": 0}, {"max_splits": 0}, {"block_m": 16}):
+        with pytest.raises(ValueError):
+            decode_config(2, 4, 2, 12, 5, torch.float32, CPU, bad)
 
 
 def test_decode_all_padding_rows_are_zero():
@@ -267,3 +405,26 @@ def test_decode_cuda_graph_replays_with_new_lengths():
         err = relative_error(out, ref)
         assert err <= 1e-2, f"seed {seed}, lengths {lengths}: relative error {err:.2e}"
         assert (out[seq_lens == 0] == 0).all(), f"seed {seed}"
+    assert (decode_counters(1, dev) == 0).all(), f"seed {seed}: replays left counters set"
+
+
+@pytest.mark.gpu
+def test_decode_cuda_every_candidate():
+    """Every sweep candidate compiles and matches the ref at the 1.5B shape (one split, several,
+    a padding row), and leaves the counters at 0."""
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, p = 12, 2, 128, 16
+    dev = torch.device("cuda")
+    lengths = [0, 100, 700, 4096]
+    k_cache, v_cache, block_tables = paged_kv(lengths, p, hkv, d, torch.bfloat16, gen, device=dev)
+    q = make_q(len(lengths), hq, hkv, d, torch.bfloat16, gen, device=dev)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+    ref = decode_ref(q, k_cache, v_cache, block_tables, seq_lens, d ** -0.5)
+    for cfg in DECODE_CANDIDATES + [{"max_splits": 1}, {"max_splits": 200, "min_split_tokens": 16}]:
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, d ** -0.5, out=nan_like(q),
+                                     config=cfg)
+        assert not out.isnan().any() and (out[0] == 0).all(), f"seed {seed}, config {cfg}"
+        err = relative_error(out, ref)
+        assert err <= 1e-2, f"seed {seed}, config {cfg}: relative error {err:.2e}"
+    assert (decode_counters(1, dev) == 0).all(), f"seed {seed}"
