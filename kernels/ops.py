@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .activation import silu_and_mul_ref
+from .linear import linear_ref, silu_mul_linear_ref
 from .norms import add_rms_norm_ref, rms_norm_ref
 from .paged_attention import paged_decode_attention_ref, paged_extend_attention_ref
 from .rope import rope_store_kv_ref
@@ -32,6 +33,8 @@ class Ops:
     extend_attention: Callable  # (..., seq_lens, scale, max_query_len): the host knows the longest chunk
     silu_and_mul: Callable
     sample_and_detect: Callable
+    linear: Callable  # (x, weight, bias=None, residual=None): the projections
+    silu_mul_linear: Callable  # (gate_up, weight, bias=None, residual=None): SwiGLU + down projection
 
 
 def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
@@ -40,18 +43,19 @@ def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sc
 
 
 TORCH_OPS = Ops("torch", rms_norm_ref, add_rms_norm_ref, rope_store_kv_ref, paged_decode_attention_ref, _extend_ref,
-                silu_and_mul_ref, sample_and_detect_ref)
+                silu_and_mul_ref, sample_and_detect_ref, linear_ref, silu_mul_linear_ref)
 
 
 def triton_ops() -> Ops:
     from .activation_triton import silu_and_mul
+    from .linear_triton import linear, silu_mul_linear
     from .norms_triton import add_rms_norm, rms_norm
     from .paged_attention_triton import paged_decode_attention, paged_extend_attention
     from .rope_triton import rope_store_kv
     from .sample_triton import sample_and_detect
 
     return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, paged_extend_attention,
-               silu_and_mul, sample_and_detect)
+               silu_and_mul, sample_and_detect, linear, silu_mul_linear)
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:

@@ -15,6 +15,9 @@ The warm-up runs, per model, through a ModelRunner like serving's (the same tens
     16, should any argument still specialize), with contexts of 1 to 16 pages and more;
   - extend-only steps (num_decodes 0) and mixed steps (num_decodes 1, 2 and 16 beside chunks with
     and without a cached prefix), with every row, no row and some rows sampled;
+  - one-chunk steps of LINEAR_ROWS tokens: the decode GEMV (kernels/linear_triton.py) compiles
+    per row bucket (1, 2, 4, 8 and 16 rows), and any step of up to 16 tokens, decode or prefill,
+    reaches one;
   - the sampler on the logits of those steps: greedy, temperature, top-k, top-p, both, logprobs,
     logit bias, tag detection on and off, and stop-id widths 0, 1, 3 and 40.
 Every step is a padding step: every slot is -1, so nothing is written into the KV pool; the
@@ -41,6 +44,7 @@ DECODE_BATCHES = (1, 2, 3, 16, 17)
 MIXED_DECODES = (0, 1, 2, 16)
 MAX_WARMUP_TOKENS = 64
 STOP_WIDTHS = (0, 1, 3, 40)
+LINEAR_ROWS = (1, 2, 3, 5, 9)  # one token count in each of linear_triton.ROW_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ def warmup_steps(page_tokens: int, max_num_seqs: int, max_num_batched_tokens: in
             if chunks and decodes <= tokens:
                 lens = tuple(contexts[i % len(contexts)] for i in range(decodes))
                 steps.append(_Step(lens, tuple(chunks), sample))
+    steps += [_Step((), ((rows, 0),), "none") for rows in LINEAR_ROWS if rows <= min(tokens, max_model_len)]
     return steps
 
 

@@ -4,13 +4,17 @@ The families differ only in switches read from config.json (ModelConfig): q/k/v 
 biases, Qwen3's RMSNorm on each q and k head, and Llama-3's RoPE scaling (in the rotary table).
 q/k/v and gate/up projections are fused into one matmul each; the loader splits checkpoint
 tensors into them. Attention reads and writes the model's own view of the pool. Norms, RoPE + KV
-store, attention and the activation come from the engine's op set (kernels.ops): the PyTorch
-references or the Triton kernels.
+store, attention, the activation and the projections come from the engine's op set (kernels.ops):
+the PyTorch references or the Triton kernels. The nn.Linear modules only hold the projections'
+parameters (the loader and tensor parallelism address them by name); the op set's linear runs them
+(exactly nn.Linear on the PyTorch set; a decode GEMV for a few rows on the Triton set), and its
+silu_mul_linear runs SwiGLU and the down projection as one op.
 
 With tensor parallelism (`tp`, parallel.py) each rank holds its share: its q heads and the KV
 heads they read, its part of the MLP's intermediate size and of the vocabulary (LM head);
-o_proj and down_proj end in one all-reduce each, the logits in one all-gather. The embedding,
-norms and rotary table are replicated. Without `tp` no distributed call is made.
+o_proj and down_proj end in one all-reduce each, the logits in one all-gather: they keep their
+own forward (RowParallelLinear) and the unfused activation. The embedding, norms and rotary table
+are replicated. Without `tp` no distributed call is made.
 """
 
 from dataclasses import dataclass
@@ -84,7 +88,8 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: AttentionBatch, rope, k_cache, v_cache):
         n = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # each head over head_dim, before RoPE (Qwen3)
@@ -103,7 +108,10 @@ class Attention(nn.Module):
             out[d:] = ops.extend_attention(q[d:], k_cache, v_cache, batch.block_tables[d:],
                                            batch.extend_query_start_loc, batch.seq_lens[d:], self.scale,
                                            batch.max_query_len)
-        return self.o_proj(out.reshape(n, self.q_size))
+        out = out.reshape(n, self.q_size)
+        if self.o_proj.tp is not None:
+            return self.o_proj(out)
+        return ops.linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -115,7 +123,10 @@ class MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        if self.down_proj.tp is not None:
+            return self.down_proj(self.ops.silu_and_mul(gate_up))
+        return self.ops.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
