@@ -1,8 +1,8 @@
 """Sweeps the decode kernels' launch parameters on this card and writes kernels/configs/<card>.json.
 
 For every kernel and shape the engine runs at decode time (the 1.5B and 32B projections at 1 to 16
-rows; decode attention at both head layouts, batch 1 and 32, contexts 1k to 32k; the sampler at
-vocabulary 151936, batch 1 and 32, greedy and top-p), each candidate configuration the kernel
+rows; decode attention at both head layouts, batch 1 and 32, at a 4k context; the sampler at
+vocabulary 151936, batch 1 and 32, top-p 0.95), each candidate configuration the kernel
 module exports is timed (a CUDA graph of one call per rotated input, replayed and timed with CUDA
 events, median of a few samples), checked against the kernel's PyTorch reference, and the fastest
 correct one is kept when it beats the kernel's own heuristic (config=None) by more than 2%; that
@@ -34,7 +34,11 @@ from common import machine, write_json  # noqa: E402
 from gpu_kernels import card_info, device_and_dtype, time_per_call  # noqa: E402
 
 from splitreason_engine.kernels import linear_triton as lin  # noqa: E402
+from splitreason_engine.kernels import paged_attention_triton as attn  # noqa: E402
+from splitreason_engine.kernels import sample_triton as smp  # noqa: E402
+from splitreason_engine.kernels.paged_attention import paged_decode_attention_ref  # noqa: E402
 from splitreason_engine.kernels.linear import linear_ref, silu_mul_linear_ref  # noqa: E402
+from splitreason_engine.kernels.sample import sample_and_detect_ref  # noqa: E402
 from splitreason_engine.kernels.tuning import CONFIG_DIR, card_slug  # noqa: E402
 
 # (hidden, intermediate, q heads, kv heads) of the models the engine serves on this card.
@@ -107,8 +111,67 @@ def linear_cases(device, dtype, smoke: bool):
             yield (kernel, lin.linear_key(m, n, k, dtype), lin.linear_candidates(m), make, check)
 
 
+def sample_cases(device, dtype, smoke: bool):
+    """The sampler at batch 1 and 32 (the buckets the warm-up reaches, so a tuned variant is
+    compiled at start-up), top-p 0.95 at temperature 0.6 (DeepSeek-R1's setting): tokens and
+    detection words must equal the reference's."""
+    vocab = 3001 if smoke else 151936
+    for rows in ((1, 3) if smoke else (1, 32)):
+        g = torch.Generator(device=device).manual_seed(rows)
+        logits = torch.randn(rows, vocab, device=device, generator=g) * 3
+        args = (logits, torch.full((rows,), 0.6, device=device), torch.zeros(rows, dtype=torch.int32, device=device),
+                torch.full((rows,), 0.95, device=device), torch.randint(0, 2**62, (rows,), device=device, generator=g),
+                vocab, torch.zeros(rows, dtype=torch.int32, device=device),
+                torch.zeros(1, vocab, dtype=torch.int32, device=device),
+                torch.zeros(1, vocab, dtype=torch.uint8, device=device), torch.zeros(1, dtype=torch.bool, device=device),
+                torch.full((rows, 2), vocab - 1, dtype=torch.int32, device=device))
+        want = sample_and_detect_ref(*args)
+        candidates = ([dict(c, chunk=1024) for c in smp.SAMPLE_CANDIDATES if c["block"] <= 1024][:2] if smoke
+                      else smp.SAMPLE_CANDIDATES)
+
+        def make(cfg, args=args):
+            return [lambda: smp.sample_and_detect(*args, config=cfg)]
+
+        def check(cfg, args=args, want=want):
+            got = smp.sample_and_detect(*args, config=cfg)
+            return bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+
+        yield ("sample", smp.sample_key(vocab, rows), candidates, make, check)
+
+
+def attention_cases(device, dtype, smoke: bool):
+    """Decode attention at both head layouts, batch 1 and 32 (buckets the warm-up reaches), at a
+    4k context: the key has no context, so one entry serves 1k to 32k (min_split_tokens adapts
+    the split count). K and V pages are scattered over a pool of several layers' worth of KV."""
+    page, context = (5, 60) if smoke else (16, 4096)
+    layouts = {"tiny": (6, 2, 16)} if smoke else {m: (h, kv, HEAD_DIM) for m, (_, _, h, kv) in MODELS.items()}
+    for batch in ((1, 3) if smoke else (1, 32)):
+        for hq, hkv, d in layouts.values():
+            pages = batch * -(-context // page)
+            copies = rotations(2 * pages * page * hkv * d * dtype.itemsize, smoke)
+            g = torch.Generator(device=device).manual_seed(batch * hq)
+            caches = [(torch.randn(pages, page, hkv, d, device=device, dtype=dtype, generator=g),
+                       torch.randn(pages, page, hkv, d, device=device, dtype=dtype, generator=g)) for _ in range(copies)]
+            tables = torch.randperm(pages, device=device, generator=g).to(torch.int32).view(batch, -1)
+            lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+            q = torch.randn(batch, hq, d, device=device, dtype=dtype, generator=g)
+            scale = d ** -0.5
+            want = paged_decode_attention_ref(q.float(), caches[0][0].float(), caches[0][1].float(), tables, lens, scale)
+
+            def make(cfg, q=q, caches=caches, tables=tables, lens=lens, scale=scale):
+                return [lambda k=k, v=v: attn.paged_decode_attention(q, k, v, tables, lens, scale, config=cfg)
+                        for k, v in caches]
+
+            def check(cfg, q=q, kv=caches[0], tables=tables, lens=lens, scale=scale, want=want):
+                got = attn.paged_decode_attention(q, *kv, tables, lens, scale, config=cfg).float()
+                return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+
+            candidates = attn.DECODE_CANDIDATES[:3] if smoke else attn.DECODE_CANDIDATES
+            yield ("decode_attention", attn.decode_key(batch, hq, hkv, d, page, dtype), candidates, make, check)
+
+
 # (share of the budget, cases): the projections dominate a decode step's time.
-FAMILIES = [(1.0, linear_cases)]
+FAMILIES = [(0.5, linear_cases), (0.25, attention_cases), (0.25, sample_cases)]
 
 
 def main() -> None:
