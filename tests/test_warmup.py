@@ -41,8 +41,7 @@ from splitreason_engine.kernels import (activation_triton, linear_triton, norms_
 
 KERNEL_MODULES = (activation_triton, linear_triton, norms_triton, paged_attention_triton, rope_triton, sample_triton)
 LAUNCHED = {"_silu_and_mul_kernel", "_rms_norm_kernel", "_add_rms_norm_kernel", "_decode_split_kernel",
-            "_decode_reduce_kernel", "_extend_kernel", "_rope_store_kv_kernel", "_sample_detect_kernel",
-            "_linear_kernel"}
+            "_extend_kernel", "_rope_store_kv_kernel", "_sample_detect_kernel", "_linear_kernel"}
 # The decode GEMV compiles per projection shape (qkv, o_proj, gate_up, down) and row bucket.
 VARIANTS_PER_MODEL = {"_linear_kernel": 4 * len(linear_triton.ROW_BUCKETS)}
 FAKE_SMS = 8  # decode_splits as on a GPU of 8 SMs: max_splits from 16 (batch 1) down to 1
@@ -217,13 +216,15 @@ def test_specialization_classes_are_tracked(monkeypatch):
     argument does not."""
     recorder = KeyRecorder()
     recorder.install(monkeypatch)
-    rec = paged_attention_triton._decode_reduce_kernel
-    part = torch.zeros(64)
-    for stride_ob, max_splits in [(1, 3), (32, 3), (5, 3), (5, 1), (5, 16), (5, 17)]:
-        rec[(1,)](part, part, part, stride_ob, 1, 1, max_splits, HEAD_DIM=4, BLOCK_S=16, BLOCK_D=16)
-    rec[(1,)](part, part, part[1:], 5, 1, 1, 3, HEAD_DIM=4, BLOCK_S=16, BLOCK_D=16)  # unaligned out
-    rec[(1,)](part[1:], part, part, 5, 1, 1, 3, HEAD_DIM=4, BLOCK_S=16, BLOCK_D=16)  # unaligned workspace
-    assert len(rec.seen("warmup")) == 5  # stride_ob 1 / 32 / 5, then the two pointers; max_splits never
+    rec = linear_triton._linear_kernel
+    buf = torch.zeros(64)
+    consts = dict(SILU_MUL=False, HAS_BIAS=False, HAS_RESIDUAL=False, DOT=False, DOT_PRECISION="ieee", BLOCK_M=4,
+                  BLOCK_N=4, BLOCK_K=4)
+    for x_s0, rows in [(1, 3), (32, 3), (5, 3), (5, 1), (5, 16), (5, 17)]:
+        rec[(1,)](buf, buf, buf, buf, buf, rows, 4, 4, x_s0, 4, 4, 4, **consts)
+    rec[(1,)](buf, buf, buf, buf, buf[1:], 3, 4, 4, 5, 4, 4, 4, **consts)  # unaligned out
+    rec[(1,)](buf[1:], buf, buf, buf, buf, 3, 4, 4, 5, 4, 4, 4, **consts)  # unaligned x
+    assert len(rec.seen("warmup")) == 5  # x_s0 1 / 32 / 5, then the two pointers; rows never
 
 
 def test_warmup_steps_fit_any_limits():
