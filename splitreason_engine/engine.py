@@ -508,16 +508,15 @@ class Engine:
         for batch in step.batches:
             m, began = batch.model, self.clock.now()
             tokens, words, logprobs = batch.results.wait()
-            finite = [not word & NONFINITE for word in words]
             self.stats.model_time[m] += self.clock.now() - began
-            for row, (req, ok, token, word, logprob) in enumerate(zip(batch.reqs, finite, tokens, words, logprobs)):
+            for row, (req, token, word, logprob) in enumerate(zip(batch.reqs, tokens, words, logprobs)):
                 if batch.valid is not None and not batch.valid[row]:
                     self.stats.rows_dropped += 1
                     continue
                 if ahead is not None and (m, req.id) in ahead.placeholders and req.finish_reason is None:
                     self.scheduler.set_last_token(req.id, m, token)
                     req.ahead[m] = token
-                if ok:
+                if not word & NONFINITE:
                     rows.append((m, req, token, word, logprob))
                 elif req.finish_reason is None:
                     self.book.fail(req, f"the {MODEL_NAMES[m]} model's logits for this request are not finite "
