@@ -95,6 +95,4 @@ class NinjaBuildExt(build_ext):
 setup(
     ext_modules=[Extension("splitreason_engine._C", SOURCES)],
     cmdclass={"build_ext": NinjaBuildExt},
-    package_dir={"splitreason_engine": "splitreason_engine", "splitreason_engine.kernels": "kernels"},
-    packages=["splitreason_engine", "splitreason_engine.kernels", "splitreason_engine.models", "splitreason_engine.demo"],
-)
+    )

@@ -7,7 +7,7 @@
 #   2. the GPU tests (pytest -m gpu, on the test files that have GPU tests; among them
 #      tests/test_gpu_compiles.py: no Triton compile after start-up);
 #   3. bench/tune_kernels.py (sweeps the decode kernels' launch parameters, writes
-#      kernels/configs/<card>.json, which the later steps' engines read; copied to $OUT);
+#      splitreason_engine/kernels/configs/<card>.json, which the later steps' engines read; copied to $OUT);
 #   4. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer);
 #   5. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor);
 #   6. bench/mixed_steps.py (mixed prefill + decode steps: wall time vs kernel time, staged vs in-place inputs);
@@ -98,14 +98,13 @@ importable() {  # from a neutral folder, as the benchmarks see the package (not 
     (cd / && "$PY" -c "import splitreason_engine._C, splitreason_engine.kernels.ops") 2>&1
 }
 
-# The C++ core without setuptools: csrc/*.cpp -> an overlay package (links to the sources, kernels/
-# as splitreason_engine.kernels, the new _C) put first on PYTHONPATH. Touches nothing in the checkout.
+# The C++ core without setuptools: csrc/*.cpp -> an overlay package (links to the sources
+# and the new _C) put first on PYTHONPATH. Touches nothing in the checkout.
 build_overlay() {
     local site=$RUN/site pkg=$RUN/site/splitreason_engine flags suffix f
     mkdir -p "$pkg"
     for f in "$ROOT"/splitreason_engine/*; do ln -sfn "$f" "$pkg/"; done
     rm -f "$pkg"/_C.*
-    ln -sfn "$ROOT/kernels" "$pkg/kernels"
     flags=$("$PY" -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])") || return 1
     suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))") || return 1
     # shellcheck disable=SC2086  # $flags holds two -I options
@@ -183,7 +182,7 @@ MERGE_PY=$PY
 "$MERGE_PY" -c "pass" 2> /dev/null || MERGE_PY=python3
 if [[ -n "${OUT:-}" ]]; then
     for f in "$TUNE_JSON" "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON" "$SPLIT_JSON"; do [[ -f $f ]] && cp "$f" "$OUT/"; done
-    [[ $SMOKE == 0 && -f kernels/configs/$SLUG.json ]] && cp "kernels/configs/$SLUG.json" "$OUT/kernel_config_$SLUG.json"
+    [[ $SMOKE == 0 && -f splitreason_engine/kernels/configs/$SLUG.json ]] && cp "splitreason_engine/kernels/configs/$SLUG.json" "$OUT/kernel_config_$SLUG.json"
 fi
 "$MERGE_PY" - <<'EOF'
 """Merges the step statuses, the pytest summary and both benchmarks' JSON; prints the final table."""

@@ -1,4 +1,4 @@
-"""Sweeps the decode kernels' launch parameters on this card and writes kernels/configs/<card>.json.
+"""Sweeps the decode kernels' launch parameters on this card and writes splitreason_engine/kernels/configs/<card>.json.
 
 For every kernel and shape the engine runs at decode time (the 1.5B and 32B projections at 1 to 16
 rows; decode attention at both head layouts, batch 1 and 32, at a 4k context; the sampler at
@@ -177,7 +177,7 @@ FAMILIES = [(0.5, linear_cases), (0.25, attention_cases), (0.25, sample_cases)]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=280.0, help="stop adding shapes after this many seconds")
-    ap.add_argument("--out", help="configuration file (default kernels/configs/<card>.json)")
+    ap.add_argument("--out", help="configuration file (default splitreason_engine/kernels/configs/<card>.json)")
     ap.add_argument("--json", help="the sweep's rows and the machine, as JSON")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in Triton's interpreter")
     args = ap.parse_args()

@@ -15,26 +15,24 @@ whose first element is that device's {key: compiled kernel} dict.
 
 import sys
 
-# The kernel modules, as the engine imports them (kernels/ is installed as splitreason_engine.kernels;
-# a checkout may also import it as a top-level `kernels` package).
-KERNEL_MODULES = ("activation_triton", "norms_triton", "paged_attention_triton", "rope_triton", "sample_triton")
-_PACKAGES = ("splitreason_engine.kernels", "kernels")
+# The modules of splitreason_engine.kernels that define @triton.jit kernels.
+KERNEL_MODULES = ("activation_triton", "linear_triton", "norms_triton", "paged_attention_triton", "rope_triton",
+                  "sample_triton")
 
 
 def _kernels():
     """(qualified name, JITFunction) of every jit function in the imported kernel modules, once each."""
     seen = set()
-    for package in _PACKAGES:
-        for name in KERNEL_MODULES:
-            module = sys.modules.get(f"{package}.{name}")
-            if module is None:
+    for name in KERNEL_MODULES:
+        module = sys.modules.get(f"splitreason_engine.kernels.{name}")
+        if module is None:
+            continue
+        for attr, obj in sorted(vars(module).items()):
+            caches = getattr(obj, "device_caches", None)
+            if caches is None or not isinstance(caches, dict) or id(obj) in seen:
                 continue
-            for attr, obj in sorted(vars(module).items()):
-                caches = getattr(obj, "device_caches", None)
-                if caches is None or not isinstance(caches, dict) or id(obj) in seen:
-                    continue
-                seen.add(id(obj))
-                yield f"{name}.{attr}", obj
+            seen.add(id(obj))
+            yield f"{name}.{attr}", obj
 
 
 def _cache_keys(fn) -> list[str]:

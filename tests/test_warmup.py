@@ -260,6 +260,7 @@ def test_jit_compiles_sums_the_kernel_caches(monkeypatch):
     in Triton 3.3 to 3.9), counts a kernel reachable under two names once, and never looks a device
     up (the caches are defaultdicts that would build a binder, which needs a GPU driver)."""
     import os
+    import sys
     import types
 
     from splitreason_engine import jit
@@ -274,10 +275,13 @@ def test_jit_compiles_sums_the_kernel_caches(monkeypatch):
     fake = types.SimpleNamespace(device_caches=defaultdict(no_device))
     fake.device_caches[0] = ({"k1": object(), "k2": object()}, {}, None, None, None)  # Triton 3.6 / 3.9 layout
     fake.device_caches[1] = ({"k3": object()}, None, None, None)  # Triton 3.3 layout
-    module = types.ModuleType("kernels.rope_triton")
+    name = "splitreason_engine.kernels.rope_triton"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    others = jit.jit_compiles()  # every kernel module's compiles but this one's
+    module = types.ModuleType(name)
     module._one_kernel, module._alias = fake, fake
-    monkeypatch.setitem(__import__("sys").modules, "kernels.rope_triton", module)
-    assert jit.jit_compiles() == base + 3
+    monkeypatch.setitem(sys.modules, name, module)
+    assert jit.jit_compiles() == others + 3
     assert sorted(jit.jit_variants()["rope_triton._alias"]) == ["k1", "k2", "k3"]
 
 
