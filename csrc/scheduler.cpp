@@ -173,14 +173,16 @@ void Scheduler::truncate(int64_t id, int32_t model, int32_t num_tokens) {
   const size_t full = view.num_computed / page_tokens;
   release_pages_from(view, ceil_div(view.num_computed, page_tokens));
   view.page_hashes.resize(std::min(full, view.page_hashes.size()));
-  // The last page is now partial and will be written again: it must leave the cache, and if
-  // others read it too, this view recomputes its part of that page in a page of its own.
-  if (full < view.pages.size() && allocator_.is_published(view.pages[full])) {
-    if (allocator_.refcount(view.pages[full]) == 1) {
-      allocator_.unpublish(view.pages[full]);
-    } else {
+  // The last page is now partial and will be written again. If others hold it too, this view
+  // recomputes its part of that page in a page of its own; otherwise it keeps the page, which
+  // leaves the cache. Holders are counted, not inferred from publication: a page stays shared
+  // after a failed request takes it out of the cache (finish with cache=false).
+  if (full < view.pages.size()) {
+    if (allocator_.refcount(view.pages[full]) > 1) {
       release_pages_from(view, full);
       view.num_computed = static_cast<int32_t>(full) * page_tokens;
+    } else {
+      allocator_.unpublish(view.pages[full]);
     }
   }
 }
@@ -492,11 +494,12 @@ void Scheduler::check_invariants() const {
         throw std::logic_error("request " + std::to_string(r.id) + " computed past its tokens");
       if (r.status == Status::kWaiting && !v.pages.empty())
         throw std::logic_error("waiting request " + std::to_string(r.id) + " holds pages");
-      // A page this view will still write (partial, or past its computed tokens) is nobody else's.
+      // A page this view will still write (partial, or past its computed tokens) is nobody else's:
+      // neither cached nor held by another view.
       for (size_t k = v.num_computed / config_.page_tokens[m]; k < v.pages.size(); ++k)
-        if (allocator_.is_published(v.pages[k]))
-          throw std::logic_error("request " + std::to_string(r.id) + " will write into cached page " +
-                                 std::to_string(v.pages[k]));
+        if (allocator_.is_published(v.pages[k]) || allocator_.refcount(v.pages[k]) != 1)
+          throw std::logic_error("request " + std::to_string(r.id) + " will write into page " +
+                                 std::to_string(v.pages[k]) + ", which is cached or shared");
       const size_t full = v.num_computed / config_.page_tokens[m];
       if (config_.prefix_caching ? v.page_hashes.size() != full : !v.page_hashes.empty())
         throw std::logic_error("request " + std::to_string(r.id) + " has " + std::to_string(v.page_hashes.size()) +

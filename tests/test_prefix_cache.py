@@ -14,11 +14,12 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from properties import examples
 from splitreason_engine import _C
-from test_scheduler import FG, VOCAB, Driver, MirrorView, Tracked, Workload, _protocol_moves, workloads
+from test_scheduler import FG, VOCAB, Arrival, Driver, MirrorView, Tracked, Workload, _protocol_moves, workloads
 
 
 class CacheDriver(Driver):
@@ -96,8 +97,19 @@ def shared_prompts(rng: np.random.Generator, count: int, max_len: int) -> list[l
     return prompts
 
 
-@settings(max_examples=150, deadline=None)
+# Found by hypothesis: request 5 fails and takes its pages out of the cache while requests 1 and 3
+# still share its page of tokens 2-3; request 1 then rolls back into that page. Sharing used to be
+# inferred from publication, so request 1 wrote into the page request 3 reads (docs/prefix-caching.md).
+SHARED_PAGE_OF_A_FAILED_REQUEST = Workload(
+    page_tokens=[2], max_model_len=38, num_pages=19, max_num_seqs=4, max_num_batched_tokens=10,
+    arrivals=[Arrival(step, 0, 1, max_tokens, abort_after, False) for step, max_tokens, abort_after in
+              [(3, 1, None), (6, 1, None), (7, 1, None), (5, 3, None), (5, 1, None), (3, 2, 5)]],
+    handoff_rate=0, rollback_rate=0.1, background_rate=0, seed=886940)
+
+
+@settings(max_examples=examples(150), deadline=None)
 @given(workloads(), st.booleans())
+@example(SHARED_PAGE_OF_A_FAILED_REQUEST, True)
 def test_random_workloads_read_only_their_own_kv(w: Workload, fail_some: bool) -> None:
     rng = np.random.default_rng(w.seed)
     d = CacheDriver(w.num_pages, w.max_num_seqs, w.max_num_batched_tokens, w.max_model_len, w.page_tokens)
@@ -229,6 +241,26 @@ def test_rollback_into_a_shared_page_recomputes_it_in_a_page_of_its_own() -> Non
     d.append(0, 0, [3, 3])
     d.schedule()  # the slot check: both read their own tokens
     for rid in (0, 1):
+        d.finish(rid)
+    assert d.s.num_free_pages == 32
+
+
+def test_a_page_shared_after_its_publisher_failed_is_still_shared_for_rollback() -> None:
+    """A failed request takes its pages out of the cache, but others may still hold them: a
+    rollback into such a page must leave it to the others, as it does a cached one."""
+    d = CacheDriver(num_pages=32, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32, page_tokens=[4])
+    for rid in (0, 1, 2):
+        d.add(rid, 0, list(range(1, 11)), 8)
+    d.schedule()  # requests 1 and 2 share the two full pages request 0 computes in this step
+    shared = d.s.request_pages(0, 0)[:2]
+    assert d.s.request_pages(1, 0)[:2] == d.s.request_pages(2, 0)[:2] == shared
+    d.finish(0, cache=False)  # request 0 fails: its pages leave the cache, requests 1 and 2 keep them
+    d.truncate(1, 0, 6)  # into shared page 1, now unpublished but still held by request 2
+    assert d.s.view_computed(1, 0) == 4 and d.s.request_pages(1, 0) == shared[:1]
+    d.append(1, 0, [9, 9, 9])
+    d.schedule()  # the slot check: request 2 still reads tokens 5..8 in page 1
+    assert d.s.request_pages(1, 0)[1] != shared[1]
+    for rid in (1, 2):
         d.finish(rid)
     assert d.s.num_free_pages == 32
 
