@@ -17,11 +17,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # oversubscribe the cores (OpenMP spin-waits made the suite several times slower).
     torch.set_num_threads(1)
 
+import properties  # noqa: E402,F401  (loads the hypothesis profile before any test module)
 from hf_models import CONFIGS, save_tiny_qwen2  # noqa: E402
 from split_models import Oracle, save_pair  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    if properties.FUZZ_SCALE:  # tests/fuzz.py: the property tests only
+        config.hook.pytest_deselected(items=[i for i in items if not hasattr(i.obj, "hypothesis")])
+        items[:] = [i for i in items if hasattr(i.obj, "hypothesis")]
     if torch.cuda.is_available():
         # With a GPU, Triton compiles for it: the CPU tensors of the interpreter tests cannot run.
         if os.environ.get("TRITON_INTERPRET") != "1":

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from properties import examples
 from splitreason_engine import _C
 
 IDLE, FG, BG = _C.RUN_IDLE, _C.RUN_FOREGROUND, _C.RUN_BACKGROUND
@@ -326,7 +327,7 @@ REJECTED = (ValueError, IndexError, TypeError, OverflowError)
 IDS = [*range(-2, 9), 2**63 - 1]  # every id an add_request above can accept
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(operations(), min_size=30, max_size=80))
 def test_random_junk_leaves_a_working_scheduler(ops):
     s = busy_scheduler()

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from properties import examples
 from split_models import PAGE_BYTES, QUESTIONS, check_against_oracle, mixed_requests
 from splitreason_engine import Engine, SamplingParams
 from splitreason_engine.coschedule import WAIT_BOUND_BIG_STEPS, EagerPolicy, GatherPolicy, gathering_pays, make_policy
@@ -71,7 +72,7 @@ def test_seeded_sampling_is_the_same_under_every_policy(pair, oracle):
     assert any(1 in models for _, models in results[0])
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(modes=st.lists(st.sampled_from(["split", "random", "big", "small"]), min_size=3, max_size=12),
        abort_at=st.lists(st.integers(0, 60), min_size=12, max_size=12),
        bound=st.integers(0, 6), min_share=st.floats(0.05, 1.0), seed=st.integers(0, 1000))

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from properties import examples
 from splitreason_engine import _C
 
 VOCAB = 32
@@ -259,7 +260,7 @@ def _protocol_moves(d: Driver, w: Workload, rng: np.random.Generator) -> None:
                 d.append(rid, m, [int(rng.integers(0, VOCAB))])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(workloads())
 def test_random_workloads_drain_without_leaks(w: Workload) -> None:
     rng = np.random.default_rng(w.seed)

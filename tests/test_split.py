@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from properties import examples
 from split_models import (PAGE_BYTES, QUESTIONS, Request, check_against_oracle, mixed_requests, params_for,
                           write_tokenizer)
 from splitreason_engine import Engine, SamplingParams
@@ -114,7 +115,7 @@ def test_each_model_can_fill_the_pool(pair):
         assert peak >= 0.95 * engine.pool.num_pages, (mode, peak)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(modes=st.lists(st.sampled_from(["split", "small", "big", "random"]), min_size=2, max_size=10),
        abort_at=st.lists(st.integers(0, 30), min_size=10, max_size=10), seed=st.integers(0, 1000))
 def test_page_accounting_under_mixed_modes_handoffs_and_aborts(pair, modes, abort_at, seed):
