@@ -104,5 +104,5 @@ def render(messages: list[dict], template: "ChatTemplate | None") -> str:
 
 def question(messages: list[dict]) -> str:
     """Split and random modes put the question into the SplitReason template themselves: the
-    system and user turns, joined."""
-    return "\n\n".join(m["content"] for m in messages if m["role"] in ("system", "user"))
+    system and user turns, each without its surrounding whitespace, joined."""
+    return "\n\n".join(m["content"].strip() for m in messages if m["role"] in ("system", "user"))

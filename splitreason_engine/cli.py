@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval-demo", help="accuracy, offload and wall time of the demo pair per mode",
                         description="Answers held-out demo problems greedily in small, big, split and random mode "
                                     "(random's switch ratio matched to split's offload fraction) and prints "
-                                    "accuracy, offload fraction and wall time per mode.")
+                                    "accuracy, offload fraction and wall time per mode. The prefix cache is "
+                                    "off: the modes answer the same problems.")
     ev.add_argument("--problems", type=int, default=500, help="held-out problems per mode (default: 500)")
     ev.add_argument("--batch-size", type=int, default=1,
                     help="problems run at once (default: 1, one at a time: the latency of a single query)")
@@ -270,7 +271,8 @@ def print_stats(engine: Engine, output) -> None:
 
 
 def cmd_generate(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # Like the shell's $(...): the line breaks that end piped text (echo's newline) are not part of it.
+    prompt = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
     params = sampling_from_args(args)
     engine = engine_from_args(args)
     mode = params.mode or ("split" if len(engine.models) > 1 else "small")
@@ -355,6 +357,7 @@ def cmd_train_demo(args) -> int:
 def cmd_eval_demo(args) -> int:
     if args.problems < 1 or args.batch_size < 1:
         raise ValueError("--problems and --batch-size must be at least 1")
+    args.prefix_caching = False  # the modes share prompts: their wall times compare only without reuse
     engine = engine_from_args(args)
     results = demo_eval.evaluate(engine, args.problems, args.seed, args.batch_size, args.max_tokens, args.modes)
     text, payload = demo_eval.report(results, args.problems, args.seed, args.batch_size)

@@ -38,7 +38,9 @@ EAGER_SYNC_EVERY = 8  # new tokens between background catch-up syncs of the idle
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """The split-mode prompt. `{hint}` is present only in the small model's copy."""
+    """The split-mode prompt. `{hint}` is present only in the small model's copy. The question's
+    own leading and trailing whitespace is dropped (a newline from a pipe, a terminal's spaces):
+    the template sets the layout around it, as the models were trained."""
 
     template: str = "<｜begin▁of▁sentence｜><｜User｜>{question}\n{hint}{terminating}<｜Assistant｜>\n<think>\n"
     hint: str = "You always use <bigmodel>...</bigmodel> to mark parts of the reasoning process that are important.\n"
@@ -49,10 +51,10 @@ class PromptTemplate:
             raise ValueError("prompt template needs a {question} field")
 
     def small(self, question: str) -> str:
-        return self.template.format(question=question, hint=self.hint, terminating=self.terminating)
+        return self.template.format(question=question.strip(), hint=self.hint, terminating=self.terminating)
 
     def big(self, question: str) -> str:
-        return self.template.format(question=question, hint="", terminating=self.terminating)
+        return self.template.format(question=question.strip(), hint="", terminating=self.terminating)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

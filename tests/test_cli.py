@@ -39,6 +39,25 @@ def test_prompt_from_stdin_and_json_output_match_the_argument_form():
     assert from_arg["finish_reason"] == "length" and from_arg["prompt_tokens"] == len("same prompt")
 
 
+def test_a_piped_question_answers_as_the_argument_does():
+    """echo's trailing newline (and a terminal's stray spaces) must not reach the split template:
+    the embedded demo pair answers the piped question exactly as it answers the argument."""
+    question = "Start at 808; multiply by 3, 7, 7 and 2, keeping three digits."
+    args = ["--temperature", "0", "--json"]
+    from_arg = json.loads(run("generate", question, *args).stdout)
+    assert "\\boxed{552}" in from_arg["text"]
+    for piped in (question + "\n", question + "\r\n", "  " + question + " \n\n"):
+        from_stdin = json.loads(run("generate", *args, stdin=piped).stdout)
+        assert from_stdin["token_ids"] == from_arg["token_ids"], repr(piped)
+        assert from_stdin["prompt_tokens"] == from_arg["prompt_tokens"]
+
+
+def test_a_piped_raw_prompt_loses_only_its_final_line_break():
+    args = ["--mode", "small", "--max-tokens", "4", "--temperature", "0", "--ignore-eos", "--json"]
+    assert json.loads(run("generate", *args, stdin="two\nlines\n").stdout)["prompt_tokens"] == len("two\nlines")
+    assert json.loads(run("generate", *args, stdin=" pad ").stdout)["prompt_tokens"] == len(" pad ")
+
+
 def test_help_documents_every_option():
     r = run("generate", "--help")
     assert r.returncode == 0
