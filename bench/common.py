@@ -1,6 +1,10 @@
-"""Shared bits of the benchmarks: the machine's name, copy bandwidth, and a random HF checkpoint."""
+"""Shared bits of the benchmarks: the machine's name, copy bandwidth, a random HF checkpoint, and
+medians of repeats with their spread."""
 
+import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -97,3 +101,33 @@ def random_seeds(fraction: float, chunks: int, count: int) -> list[int]:
             if len(seeds) == count:
                 return seeds
     raise RuntimeError(f"no {count} seeds give {want} big chunks of {chunks}")
+
+
+def summary(values: "list[float]") -> dict:
+    """Median of repeats, with min, max and spread ((max - min) / median): the figures every
+    headline number is reported with (these machines are noisy)."""
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values), "repeats": len(values),
+            "spread": (max(values) - min(values)) / median if median else None}
+
+
+def check_sane(failures: "list[str]") -> None:
+    """Ends a --smoke run with exit status 1 if any baseline did not mean what it says."""
+    for failure in failures:
+        print(f"SANITY CHECK FAILED: {failure}", file=sys.stderr)
+    if failures:
+        sys.exit(1)
+
+
+def parse_with_smoke(p: argparse.ArgumentParser, smoke: dict, repeats: int = 3, argv=None) -> argparse.Namespace:
+    """Adds --repeats (medians need at least 3) and --smoke (`smoke`'s values replace the arguments:
+    a seconds-long run with the same sanity checks, which CI runs), then parses."""
+    p.add_argument("--repeats", type=int, default=repeats, help=f"runs per figure, at least 3: figures are their "
+                   f"medians, with their spread (default: {repeats})")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run on tiny shapes, with the sanity checks")
+    args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(smoke)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3 (figures are medians)")
+    return args

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, machine, machine_line, save_random_qwen2, write_json  # noqa: E402
+from common import (check_sane, copy_bandwidth, machine, machine_line, parse_with_smoke, save_random_qwen2,  # noqa: E402
+                    summary, write_json)
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
 
@@ -36,18 +37,21 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def best_rate(repeats: int, tokens: int, run) -> float:
-    """Best tokens/s over `repeats` calls of `run()` (the shared machine's noise only ever slows a run)."""
-    best = 0.0
+def rates(repeats: int, tokens: int, run) -> dict:
+    """Tokens/s of `repeats` calls of `run()`: the median, with its spread."""
+    values = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        best = max(best, tokens / (time.perf_counter() - start))
-    return best
+        values.append(tokens / (time.perf_counter() - start))
+    return summary(values)
 
 
-def run_engine(folder: Path, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-    engine = Engine(folder, kv_cache_bytes=256 << 20, max_model_len=1024, progress=False)
+def run_engine(folder: Path, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+               failures: list[str]) -> dict:
+    """The engine with the prefix cache off, as vLLM runs here: every repeat prefills its prompts
+    again, as Hugging Face's generate does."""
+    engine = Engine(folder, kv_cache_bytes=256 << 20, max_model_len=1024, prefix_caching=False, progress=False)
     inputs = prompts(batch, prompt_len, MODEL["vocab_size"])
     engine.generate(inputs, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -55,8 +59,10 @@ def run_engine(folder: Path, batch: int, prompt_len: int, new_tokens: int, repea
     def run():
         outs = engine.generate(inputs, params, use_tqdm=False)
         assert all(len(o.token_ids) == new_tokens for o in outs)
+        failures.extend(f"batch {batch}: {o.metrics.cached_tokens[0]} prompt tokens came from the prefix cache"
+                        for o in outs if o.metrics.cached_tokens[0])
 
-    return best_rate(repeats, batch * new_tokens, run)
+    return rates(repeats, batch * new_tokens, run)
 
 
 @torch.inference_mode()
@@ -72,7 +78,7 @@ def run_hf(folder: Path, batch: int, prompt_len: int, new_tokens: int, repeats: 
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         assert out.shape[1] == prompt_len + new_tokens
 
-    return best_rate(repeats, batch * new_tokens, run)
+    return rates(repeats, batch * new_tokens, run)
 
 
 class _DropLine:
@@ -128,7 +134,7 @@ def run_vllm(folder: Path, batch: int, prompt_len: int, new_tokens: int, repeats
             if len(outs) != batch or lengths != [new_tokens]:
                 raise RuntimeError(f"expected {batch} x {new_tokens} tokens, got {len(outs)} outputs of lengths {lengths}")
 
-        return best_rate(repeats, batch * new_tokens, run)
+        return rates(repeats, batch * new_tokens, run)
     except Exception as exc:
         print(f"vLLM {vllm.__version__}: batch {batch} failed, skipping it: {type(exc).__name__}: {exc}",
               file=sys.stderr)
@@ -160,19 +166,22 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="generated tokens per request (default: 256)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
     p.add_argument("--skip-vllm", action="store_true", help="do not try vLLM even if it is importable")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per contender; the best counts (default: 3)")
-    args = p.parse_args()
+    args = parse_with_smoke(p, dict(batches=[1, 2], new_tokens=8, skip_vllm=True))
 
     bandwidth = copy_bandwidth()
     results: dict = {"machine": machine(), "model": MODEL, "prompt_len": args.prompt_len, "repeats": args.repeats,
-                     "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9}
+                     "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9, "prefix_caching": False}
+    failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_random_qwen2(Path(tmp) / "qwen2-25m", **MODEL)
         for b in args.batches:
-            results[f"engine_tok_s_b{b}"] = run_engine(folder, b, args.prompt_len, args.new_tokens, args.repeats)
-            results[f"hf_tok_s_b{b}"] = run_hf(folder, b, args.prompt_len, args.new_tokens, args.repeats)
+            runs = {"engine": run_engine(folder, b, args.prompt_len, args.new_tokens, args.repeats, failures),
+                    "hf": run_hf(folder, b, args.prompt_len, args.new_tokens, args.repeats)}
             if not args.skip_vllm:
-                results[f"vllm_tok_s_b{b}"] = run_vllm(folder, b, args.prompt_len, args.new_tokens, args.repeats)
+                runs["vllm"] = run_vllm(folder, b, args.prompt_len, args.new_tokens, args.repeats)
+            for name, rate in runs.items():
+                results[f"{name}_tok_s_b{b}"] = rate["median"] if rate else None
+                results[f"{name}_tok_s_b{b}_repeats"] = rate
             results[f"floor_tok_s_b{b}"] = decode_floor(bandwidth, b, args.prompt_len, args.new_tokens)
     if "vllm" in sys.modules:
         results["vllm"] = {"version": getattr(sys.modules["vllm"], "__version__", None),
@@ -185,8 +194,13 @@ def main() -> None:
         e, h, v, f = (results.get(f"{k}_tok_s_b{b}") for k in ("engine", "hf", "vllm", "floor"))
         print(f"{b:>5} {e:>9.1f} {h:>9.1f} {(f'{v:.1f}' if v else '-'):>9} {f:>9.1f} {e / h:>7.2f} "
               f"{(f'{e / v:.2f}' if v else '-'):>8} {e / f:>9.2f}")
-    print("(tokens/s of generated tokens, prefill included)")
+    print(f"(tokens/s of generated tokens, prefill included; median of {args.repeats} runs; prefix cache off; "
+          "spread (max - min) / median: " + ", ".join(
+              f"{k.split('_tok_s_')[0]} b{k.rsplit('_b', 1)[1].split('_')[0]} {v['spread']:.2f}"
+              for k, v in results.items() if k.endswith("_repeats") and v) + ")")
+    results["sanity_failures"] = failures
     write_json(args.json, results)
+    check_sane(failures)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ accuracy against wall time per mode.
 Targets on 500 problems: big accuracy >= small + 0.30; split accuracy >= small + 0.20 with at
 most 15% of tokens from the big model; split accuracy above random at the same offload; split
 wall time <= 0.5 x big-only wall time.
+
+The prefix cache is off (the modes answer the same problems, so with it on a later mode would find
+an earlier one's prompts). `--smoke` answers 4 problems in every mode and checks the run (CI).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_json  # noqa: E402
+from common import check_sane, write_json  # noqa: E402
 
 from splitreason_engine import Engine  # noqa: E402
 from splitreason_engine.demo import evaluate, pair_paths  # noqa: E402
@@ -47,9 +50,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", metavar="PATH", help="e.g. bench/results/eval_demo.json")
     p.add_argument("--plot", metavar="PNG", help="accuracy against wall time per mode")
+    p.add_argument("--smoke", action="store_true", help="4 problems per mode, with the sanity checks")
     args = p.parse_args(argv)
-    engine = Engine(*pair_paths(), seed=args.seed)
-    results = evaluate.evaluate(engine, args.problems, args.seed, args.batch_size)
+    if args.smoke:
+        args.problems = 4
+    engine = Engine(*pair_paths(), seed=args.seed, prefix_caching=False, progress=False)
+    results = evaluate.evaluate(engine, args.problems, args.seed, args.batch_size, progress=not args.smoke)
+    if engine.stats.summary()["prefix_cache_hit_tokens_small"]:
+        check_sane(["the prefix cache served tokens, though it was off"])
     text, payload = evaluate.report(results, args.problems, args.seed, args.batch_size)
     print(text)
     write_json(args.json, payload)

@@ -32,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, machine_line, write_json  # noqa: E402
+from serve import server_prefix_caching  # noqa: E402
 
 from splitreason_engine.protocol import PromptTemplate  # noqa: E402
 from splitreason_engine.tags import Tags  # noqa: E402
@@ -163,7 +164,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     result = asyncio.run(run(args))
     result.update(machine=machine(), config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    # Whether each server keeps a prefix cache (the reference re-sends the whole text at every call,
+    # so a cache changes what it pays): as each server's /metrics says, None where it does not.
+    result["prefix_caching"] = {name: server_prefix_caching(url) for name, url in
+                                (("small", args.small_url), ("big", args.big_url), ("native", args.native_url)) if url}
     print(machine_line(result["machine"]))
+    print("prefix cache per server: " + ", ".join(f"{k} {({True: 'on', False: 'off'}).get(v, 'not reported')}"
+                                                  for k, v in result["prefix_caching"].items()))
     print(f"{args.num_prompts} prompts at once, max_tokens {args.max_tokens}, chunk {args.chunk}, "
           f"probes of {args.probe_tokens} tokens")
     print(f"{'':<12}{'total s':>10}{'mean wall s':>13}{'tokens':>8}{'big tokens':>12}{'ms / offloaded tok':>20}")

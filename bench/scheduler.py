@@ -4,6 +4,11 @@ Prefills `--num-requests` random prompts, then times steady-state decode steps: 
 plus filling the flat arrays), and separately the per-request append() calls through which the
 engine hands each sampled token back. The target is us_per_step <= 50, so the scheduler stays
 small next to a GPU decode step.
+
+The scheduler runs as the engine runs it, prefix caching on (every full page is keyed and
+published as it completes); `--no-prefix-caching` times it off. The figures are medians over
+`--repeats` runs of the whole measurement (each a fresh scheduler), with their spread. Checked in
+every run: each timed step is a full decode batch. `--smoke` is a seconds-long run (CI).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, machine_line, write_json  # noqa: E402
+from common import machine, machine_line, parse_with_smoke, summary, write_json  # noqa: E402
 
 from splitreason_engine import _C  # noqa: E402
 
@@ -35,8 +40,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200, help="untimed decode steps before timing")
     p.add_argument("--steps", type=int, default=2000, help="timed decode steps")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and sampled tokens")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="time the scheduler with prefix caching off (the engine's default is on)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    args = p.parse_args()
+    args = parse_with_smoke(p, dict(num_requests=16, prompt_min=32, prompt_max=64, warmup=10, steps=50,
+                                        max_model_len=256))
     if args.prompt_max + args.warmup + args.steps >= args.max_model_len:
         p.error("prompt-max + warmup + steps must stay under max-model-len, or requests finish mid-run")
     if not 1 <= args.prompt_min <= args.prompt_max:
@@ -63,9 +71,24 @@ def prefill(s: _C.Scheduler, n: int, tokens: np.ndarray) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    runs = [run_once(args) for _ in range(args.repeats)]
+    n = args.num_requests
+    result = {key: summary([r[key] for r in runs])["median"] for key in runs[0]}
+    result["us_per_step_repeats"] = summary([r["us_per_step"] for r in runs])
+    result["us_per_step_with_appends_repeats"] = summary([r["us_per_step_with_appends"] for r in runs])
+    return result | {
+        "target_us": TARGET_US, "prefix_caching": args.prefix_caching,
+        "config": {k: v for k, v in vars(args).items() if k != "json"}
+        | {"num_pages": n * math.ceil(args.max_model_len / args.page_tokens)},
+        "machine": machine(),
+    }
+
+
+def run_once(args: argparse.Namespace) -> dict[str, float]:
     n = args.num_requests
     num_pages = n * math.ceil(args.max_model_len / args.page_tokens)
-    s = _C.Scheduler(num_pages, n, args.max_num_batched_tokens, args.max_model_len, [args.page_tokens])
+    s = _C.Scheduler(num_pages, n, args.max_num_batched_tokens, args.max_model_len, [args.page_tokens],
+                     prefix_caching=args.prefix_caching)
     rng = np.random.default_rng(args.seed)
     for rid in range(n):
         length = int(rng.integers(args.prompt_min, args.prompt_max + 1))
@@ -93,10 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "us_per_step_p99": float(np.percentile(sched_us, 99)),
         "us_per_step_with_appends_p50": float(np.percentile(total_us, 50)),
         "us_per_step_with_appends_p99": float(np.percentile(total_us, 99)),
-        "target_us": TARGET_US,
         "prefill_steps": prefill_steps,
-        "config": {k: v for k, v in vars(args).items() if k != "json"} | {"num_pages": num_pages},
-        "machine": machine(),
     }
 
 
@@ -106,7 +126,9 @@ def main() -> None:
     m = r["machine"]
     print(machine_line(m))
     print(f"{args.num_requests} requests decoding, page_tokens {args.page_tokens}, prompts "
-          f"{args.prompt_min}-{args.prompt_max}, {args.steps} timed steps after {args.warmup} warm-up")
+          f"{args.prompt_min}-{args.prompt_max}, {args.steps} timed steps after {args.warmup} warm-up; prefix "
+          f"caching {'on' if args.prefix_caching else 'off'}; medians of {args.repeats} runs (spread of the mean "
+          f"{r['us_per_step_repeats']['spread']:.2f})")
     print(f"{'per step':<28}{'mean us':>10}{'p50 us':>10}{'p99 us':>10}")
     print(f"{'schedule + fill':<28}{r['us_per_step']:>10.2f}{r['us_per_step_p50']:>10.2f}{r['us_per_step_p99']:>10.2f}")
     print(f"{'schedule + fill + appends':<28}{r['us_per_step_with_appends']:>10.2f}"

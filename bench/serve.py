@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -198,17 +199,31 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def server_prefix_caching(base_url: str) -> "bool | None":
+    """Whether the server keeps a prefix cache, as its /metrics says (this engine's gauge, or
+    vLLM's cache_config_info); None when it does not say."""
+    try:
+        text = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    ours = re.search(r"^splitreason_prefix_caching_enabled (\d)", text, re.M)
+    vllm = re.search(r'enable_prefix_caching="(\w+)"', text)
+    return bool(int(ours.group(1))) if ours else (vllm.group(1) == "True") if vllm else None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     memory: list[float] = []
     results, wall = asyncio.run(run(args, memory))
     summary = summarize(results, wall)
+    summary["prefix_caching"] = server_prefix_caching(args.base_url)
     if memory:
         summary["server_rss_mib"] = {"first": memory[0], "last": memory[-1], "max": max(memory), "samples": memory}
     summary.update(machine=machine(), config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     print(machine_line(summary["machine"]))
+    cache = {True: "on", False: "off", None: "not reported"}[summary["prefix_caching"]]
     print(f"{args.base_url}: {summary['completed']}/{summary['requests']} completed in {wall:.2f} s, "
-          f"status {summary['status_counts']}")
+          f"status {summary['status_counts']}; server's prefix cache {cache}")
     print(f"request throughput {summary['request_throughput']:.2f}/s, output {summary['output_tokens_per_s']:.1f} tok/s")
     print(f"{'ms':<12}{'mean':>10}{'median':>10}{'p99':>10}")
     for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):

@@ -17,6 +17,11 @@ Where it runs:
 
 Every request is seeded and ignores EOS, so each mode writes the same tokens under every policy
 (checked here: a run whose tokens differ between policies fails). Warm-up runs are not timed.
+The prefix cache is off: the policies run the same prompts and write the same text, so with it on
+every run after the first would find the earlier one's pages, and the comparison would be between
+cached and uncached work (checked: every run computes every token it reads). Each row is the
+median of `--repeats` runs by wall time, with the spread of tok/s. `--smoke` runs batch 1 and 4
+of a tiny pair in seconds, with the same checks (CI).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, machine_line, printable_ascii_bias, random_seeds, write_dummy_pair, write_json  # noqa: E402
+from common import (check_sane, machine, machine_line, parse_with_smoke, printable_ascii_bias, random_seeds,  # noqa: E402
+                    summary, write_dummy_pair, write_json)
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
 from splitreason_engine.stats import quantile  # noqa: E402
@@ -57,7 +63,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--big-layers", type=int, default=8)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--plot", metavar="PNG", help="split / big-only per batch, mode and policy")
-    return p.parse_args()
+    args = parse_with_smoke(p, dict(batches=[1, 4], tokens=32, segment=4, offload=0.25, hidden=128, small_layers=1,
+                                        big_layers=2, device="cpu"))
+    return args
 
 
 def _cuda() -> bool:
@@ -125,7 +133,18 @@ class Runner:
         self.open_bias = best[1]
 
 
-def measure_row(r: Runner, mode: str, batch: int, policy: str) -> tuple[dict, list]:
+def measure_row(r: Runner, mode: str, batch: int, policy: str, failures: list[str]) -> tuple[dict, list]:
+    """The run of median wall time of `--repeats`, with the spread of tok/s over all of them."""
+    runs = [measure_once(r, mode, batch, policy, failures) for _ in range(r.args.repeats)]
+    if any(tokens != runs[0][1] for _, tokens in runs):
+        raise RuntimeError(f"{mode} batch {batch} {policy}: repeats wrote different tokens")
+    runs.sort(key=lambda run: run[0]["wall_s"])
+    row = runs[len(runs) // 2][0]
+    row["tok_s_repeats"] = summary([run[0]["tok_s"] for run in runs])
+    return row, runs[0][1]
+
+
+def measure_once(r: Runner, mode: str, batch: int, policy: str, failures: list[str]) -> tuple[dict, list]:
     e = r.engine
     e.use_policy(policy, max_wait_s=r.args.max_wait_s)
     before = (list(e.stats.steps), list(e.stats.rows), e.stats.held_steps)
@@ -133,6 +152,8 @@ def measure_row(r: Runner, mode: str, batch: int, policy: str) -> tuple[dict, li
     steps = [a - b for a, b in zip(e.stats.steps, before[0])]
     rows = [a - b for a, b in zip(e.stats.rows, before[1])]
     m = [o.metrics for o in outs]
+    failures += [f"{mode} batch {batch} {policy}: {sum(mm.cached_tokens)} tokens came from the prefix cache"
+                 for mm in m if sum(mm.cached_tokens)]
     tokens = sum(len(o.token_ids) for o in outs)
     handoffs = sorted(x for mm in m for x in mm.handoff_latencies)
     waits = sorted(x for mm in m for x in mm.big_waits)
@@ -158,7 +179,7 @@ def run(args) -> dict:
         small, big, pair = write_pair(Path(tmp), args)
         start = time.perf_counter()
         engine = Engine(small, big, load_format="dummy", device=args.device, max_model_len=args.tokens + 512,
-                        max_num_seqs=max(args.batches), step_costs=costs,
+                        max_num_seqs=max(args.batches), step_costs=costs, prefix_caching=False,
                         clock=SimulatedClock(costs) if costs else None, progress=False,
                         kv_cache_bytes=None if args.device == "cuda" else 1 << 30)
         startup_s = time.perf_counter() - start
@@ -166,14 +187,14 @@ def run(args) -> dict:
         r = Runner(engine, args)
         if "split" in args.modes:
             r.calibrate()
-        rows, tokens_seen = [], {}
+        rows, tokens_seen, failures = [], {}, []
         for batch in args.batches:
             if not costs:  # warm-up, untimed: every mode at this batch, a few tokens
                 for mode in args.modes:
                     r.engine.generate(r.prompts(mode, batch), r.params(mode, batch, 32), use_tqdm=False)
             for mode in args.modes:
                 for policy in (args.policies if mode in ("random", "split") else args.policies[:1]):
-                    row, tokens = measure_row(r, mode, batch, policy)
+                    row, tokens = measure_row(r, mode, batch, policy, failures)
                     if tokens_seen.setdefault((mode, batch), tokens) != tokens:
                         raise RuntimeError(f"{mode} batch {batch}: policy {policy} changed the tokens")
                     rows.append(row)
@@ -182,6 +203,7 @@ def run(args) -> dict:
         measured_costs = engine.step_costs.to_json() if engine.step_costs else None
     result = {"pair": pair, "simulated": bool(costs), "costs_file": args.simulate, "step_costs": measured_costs,
               "startup_s": startup_s, "rows": rows, "machine": machine(), "config": vars(args),
+              "prefix_caching": False, "sanity_failures": failures,
               "jit_compiles_after_startup": None if costs or args.device != "cuda" else jit_after}
     add_ratios(result, args)
     return result
@@ -242,13 +264,14 @@ def main() -> None:
                                               f"{m['per_token_ms']:.4f}" for name, m in zip(("small", "big"), r["step_costs"]["models"]))
               + f" ({r['step_costs']['source']})")
     ms = lambda x: "-" if x is None else f"{1e3 * x:.0f}"  # noqa: E731
-    print(f"{'mode':<7}{'batch':>6}{'policy':>8}{'tok/s':>10}{'x big':>7}{'eff':>6}{'offload':>8}{'lat p50':>9}"
+    print(f"prefix cache off; median of {args.repeats} runs per row (spread: (max - min) / median of tok/s)")
+    print(f"{'mode':<7}{'batch':>6}{'policy':>8}{'tok/s':>10}{'spread':>7}{'x big':>7}{'eff':>6}{'offload':>8}{'lat p50':>9}"
           f"{'p99 ms':>8}{'handoff p50':>12}{'p99 ms':>8}{'wait p50':>9}{'p99 ms':>8}{'big steps':>10}{'rows/big':>9}")
     for x in r["rows"]:
         eff = f"{x['efficiency']:.2f}" if x.get("efficiency") else "-"
         rows_big = f"{x['mean_rows_per_big_step']:.1f}" if x["mean_rows_per_big_step"] else "-"
         print(f"{x['mode']:<7}{x['batch']:>6}{x['policy'] if x['mode'] in ('random', 'split') else '-':>8}"
-              f"{x['tok_s']:>10.1f}{x['speedup_over_big']:>7.2f}{eff:>6}{100 * x['offload_fraction']:>7.1f}%"
+              f"{x['tok_s']:>10.1f}{x['tok_s_repeats']['spread']:>7.2f}{x['speedup_over_big']:>7.2f}{eff:>6}{100 * x['offload_fraction']:>7.1f}%"
               f"{ms(x['latency_p50_s']):>9}{ms(x['latency_p99_s']):>8}{ms(x['handoff_p50_s']):>12}"
               f"{ms(x['handoff_p99_s']):>8}{ms(x['big_wait_p50_s']):>9}{ms(x['big_wait_p99_s']):>8}"
               f"{x['steps_big']:>10}{rows_big:>9}")
@@ -264,6 +287,7 @@ def main() -> None:
     write_json(args.json, r)
     if args.plot:
         plot(r, args.plot)
+    check_sane(r["sanity_failures"])
 
 
 if __name__ == "__main__":

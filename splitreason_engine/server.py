@@ -92,6 +92,8 @@ class Metrics:
             ("splitreason_kv_pages_total", "gauge", "KV pages in the shared pool.", engine.engine.pool.num_pages),
             ("splitreason_kv_pages_cached", "gauge", "KV pages nobody holds that keep reusable prefix KV "
              "(counted in kv_pages_free too: evicted when needed).", snap.cached_pages),
+            ("splitreason_prefix_caching_enabled", "gauge", "1 when full KV pages are kept and shared across "
+             "requests (prefix caching), else 0.", int(engine.engine.scheduler.prefix_caching)),
             ("splitreason_requests_finished_total", "counter", "Requests finished.", stats["requests"]),
             ("splitreason_requests_failed_total", "counter", "Requests that failed inside the engine "
              "(finish_reason error).", stats["errors"]),

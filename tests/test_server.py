@@ -268,6 +268,7 @@ def test_reference_protocol_over_two_single_model_servers_beside_native_split(pa
         small.close()
         big.close()
     assert json.loads((tmp_path / "ref.json").read_text())["config"]["chunk"] == 8
+    assert report["prefix_caching"] == {"small": True, "big": True, "native": True}
     for side in ("reference", "native"):
         r = report[side]
         assert r["requests"] == 3 and len(r["rows"]) == 3 and r["total_s"] > 0 and r["mean_wall_s"] > 0
@@ -290,6 +291,7 @@ def test_serve_bench_reports_every_figure(server, tmp_path):
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         assert all(summary[key][s] is not None for s in ("mean", "median", "p99"))
     assert summary["output_tokens_per_s"] > 0 and "offload" in summary
+    assert summary["prefix_caching"] is True  # read from the server's /metrics
     assert (tmp_path / "s.png").stat().st_size > 1000 and json.loads((tmp_path / "s.json").read_text())["completed"] == 6
 
 

@@ -70,7 +70,14 @@ def run_mode(engine: Engine, mode: str, problems: list[Problem], batch_size: int
 
 def evaluate(engine: Engine, num_problems: int, seed: int, batch_size: int = 1, max_tokens: int = 400,
              modes=MODES, progress: bool = True) -> dict[str, ModeResult]:
-    """Split runs before random, whose switch_ratio comes from split's offload fraction."""
+    """Split runs before random, whose switch_ratio comes from split's offload fraction.
+
+    The modes answer the same problems one after another, so `engine` must run with the prefix
+    cache off: with it on, a later mode would find an earlier one's prompts (split's small view is
+    small mode's prompt) and its wall time would not compare."""
+    if engine.scheduler.prefix_caching:
+        raise ValueError("the demo evaluation compares wall times of modes that share prompts: "
+                         "run its engine with prefix_caching=False")
     problems = evaluation_problems(num_problems, seed)
     order = sorted(modes, key=lambda m: m == "random")
     results: dict[str, ModeResult] = {}
@@ -117,9 +124,10 @@ def report(results: dict[str, ModeResult], num_problems: int, seed: int, batch_s
     """The printed report (machine, table, target checks) and its JSON: one object per mode."""
     host = machine()
     checks = targets(results)
-    lines = [machine_line(host), f"{num_problems} held-out problems, seed {seed}, batch size {batch_size}, greedy",
+    lines = [machine_line(host), f"{num_problems} held-out problems, seed {seed}, batch size {batch_size}, greedy, "
+             "prefix cache off",
              table(results)] + [f"target {name}: {'meets' if met else 'MISSES'} ({figures})" for name, met, figures in checks]
-    payload = {"machine": host, "problems": num_problems, "seed": seed, "batch_size": batch_size,
+    payload = {"machine": host, "problems": num_problems, "seed": seed, "batch_size": batch_size, "prefix_caching": False,
                "modes": {mode: {**asdict(r), "tokens_per_s": r.tokens_per_s} for mode, r in results.items()},
                "targets": [{"target": name, "met": met, "figures": figures} for name, met, figures in checks]}
     return "\n".join(lines), payload

@@ -1,0 +1,69 @@
+"""Every CPU benchmark in its seconds-long --smoke mode: it runs, writes its JSON, records whether
+the prefix cache was on, and its baselines mean what they say (each bench checks its own and exits
+1 otherwise: a re-prefill computes its whole prompt, a no-reuse run takes nothing from the cache).
+bench/soak.py has its own test (test_soak.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def smoke(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    r = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--json", str(out), *extra],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SANITY CHECK FAILED" not in r.stderr
+    return json.loads(out.read_text())
+
+
+def test_handoff_is_measured_against_an_uncached_reprefill(tmp_path):
+    r = smoke("handoff", tmp_path)
+    assert r["prefix_caching"] is True and r["sanity_failures"] == []
+    for row in r["rows"]:
+        assert row["reprefill_cached_tokens"] == 0
+        assert row["big_catch_up_tokens_lazy"] >= row["segment"]
+        assert row["reprefill_s"]["repeats"] >= 3 and row["reprefill_s"]["spread"] is not None
+        assert row["handoff_over_reprefill"] == row["handoff_lazy_s"]["median"] / row["reprefill_s"]["median"]
+
+
+def test_split_efficiency_runs_without_reuse_with_medians(tmp_path):
+    r = smoke("split_efficiency", tmp_path)
+    assert r["prefix_caching"] is False and r["sanity_failures"] == []
+    assert {row["batch"] for row in r["rows"]} == {1, 4}
+    for row in r["rows"]:
+        assert row["efficiency_repeats"]["repeats"] >= 3 and row["c_small_ms"] > 0 and row["c_big_ms"] > 0
+        assert row["ideal_s"] > 0 and row["measured_s"]["repeats"] >= 3
+
+
+def test_prefix_cache_bench_compares_fresh_engines(tmp_path):
+    r = smoke("prefix_cache", tmp_path)
+    assert r["sanity_failures"] == [] and len(r["runs"]) >= 3
+    for rep in r["runs"]:
+        assert rep["sequential_off"]["cached_tokens"] == 0 and rep["sequential_on"]["cached_tokens"] > 0
+    assert all(s["identical_tokens"] for s in r["summary"].values())
+
+
+def test_cpu_decode_runs_without_the_cache(tmp_path):
+    r = smoke("cpu_decode", tmp_path)
+    assert r["prefix_caching"] is False and r["sanity_failures"] == []
+    assert r["engine_tok_s_b1"] == r["engine_tok_s_b1_repeats"]["median"] > 0
+
+
+def test_scheduler_bench_runs_as_the_engine_does(tmp_path):
+    r = smoke("scheduler", tmp_path)
+    assert r["prefix_caching"] is True and r["us_per_step_repeats"]["repeats"] >= 3
+
+
+def test_split_batch_compares_policies_without_reuse(tmp_path):
+    r = smoke("split_batch", tmp_path)
+    assert r["prefix_caching"] is False and r["sanity_failures"] == []
+    assert all(row["tok_s_repeats"]["repeats"] >= 3 for row in r["rows"])
+
+
+def test_demo_eval_runs_without_the_cache(tmp_path):
+    r = smoke("demo_eval", tmp_path)
+    assert r["prefix_caching"] is False and set(r["modes"]) == {"small", "big", "split", "random"}
