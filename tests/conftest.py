@@ -23,9 +23,12 @@ from split_models import Oracle, save_pair  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if properties.FUZZ_SCALE:  # tests/fuzz.py: the property tests only
-        config.hook.pytest_deselected(items=[i for i in items if not hasattr(i.obj, "hypothesis")])
-        items[:] = [i for i in items if hasattr(i.obj, "hypothesis")]
+    if properties.FUZZ_SCALE:  # tests/fuzz.py: the tests with random inputs only
+        def random_inputs(item) -> bool:
+            return hasattr(item.obj, "hypothesis") or getattr(item.module, "test_seed", None) is properties.test_seed
+
+        config.hook.pytest_deselected(items=[i for i in items if not random_inputs(i)])
+        items[:] = [i for i in items if random_inputs(i)]
     if torch.cuda.is_available():
         # With a GPU, Triton compiles for it: the CPU tensors of the interpreter tests cannot run.
         if os.environ.get("TRITON_INTERPRET") != "1":

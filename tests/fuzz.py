@@ -4,10 +4,12 @@
     python tests/fuzz.py --minutes 5 --scale 50 tests/test_prefix_cache.py
 
 CI runs the same tests derandomized (tests/properties.py), so its verdict is repeatable; this is
-where new failures are looked for. Each round is one pytest run over the property tests only
-(the scheduler, prefix cache, boundary, co-scheduling, split, overlap and engine-level ones, and
-any later ones) with a fresh --hypothesis-seed and SPLITREASON_FUZZ_SCALE times the CI example
-counts. The table counts the examples tried per test over all rounds. A failure stops the run and
+where new failures are looked for. Each round is one pytest run over the tests with random inputs
+only (the property tests: scheduler, prefix cache, boundary, co-scheduling, split, overlap and
+engine-level ones, and any later ones; and the kernel tests, whose seeds come from
+tests/properties.py) with a fresh --hypothesis-seed, fresh kernel-test seeds and
+SPLITREASON_FUZZ_SCALE times the CI example counts. The table counts the examples tried per
+property test over all rounds, and the kernel tests' runs. A failure stops the run and
 prints hypothesis's falsifying example, the call to pin with `@example`, and the seed to replay it.
 """
 
@@ -69,12 +71,14 @@ def main() -> int:
 
     deadline = time.monotonic() + 60 * args.minutes
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    rounds, started, code = 0, time.monotonic(), 0
+    rounds, started, code, test_runs = 0, time.monotonic(), 0, 0
     while time.monotonic() < deadline:
         seed = random.SystemRandom().randrange(2**32)
         code, output = run_round(args.paths, args.scale, seed, args.workers,
                                  timeout=max(600.0, deadline - time.monotonic() + 600))
         rounds += 1
+        passed = re.search(r"(\d+) passed", output)
+        test_runs += int(passed.group(1)) if passed else 0
         for test, c in parse_statistics(output).items():
             totals[test] = [a + b for a, b in zip(totals[test], c)]
         print(f"round {rounds}: seed {seed}, exit {code}, {time.monotonic() - started:.0f} s so far", flush=True)
@@ -92,6 +96,7 @@ def main() -> int:
     total = [sum(c[k] for c in totals.values()) for k in range(3)]
     print(f"{'all ' + str(len(totals)) + ' tests, ' + str(rounds) + ' rounds':<{width}}  "
           f"{total[0]:>8} {total[1]:>8} {total[2]:>8}  in {(time.monotonic() - started) / 60:.1f} min")
+    print(f"test runs passed, kernel tests with fresh seeds included: {test_runs}")
     return 0 if code == 0 and total[1] == 0 else 1
 
 

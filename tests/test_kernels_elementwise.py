@@ -6,12 +6,12 @@ compared with the reference evaluated in fp32 on the upcast inputs. The `gpu` te
 real model shapes. Inputs are fresh each run; the seed is in every failure message.
 """
 
-import os
 from typing import Callable
 
 import pytest
 import torch
 
+from properties import test_seed
 from splitreason_engine.kernels import add_rms_norm_ref, rms_norm_ref, rope_cos_sin, rope_store_kv_ref, silu_and_mul_ref
 from splitreason_engine.kernels import rope_triton
 from splitreason_engine.kernels.activation_triton import silu_and_mul
@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    return test_seed()
 
 
 def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
