@@ -19,6 +19,8 @@ import os
 import pytest
 import torch
 
+from program_order import ORDERS, grid_order
+from properties import test_seed
 from splitreason_engine.kernels import paged_decode_attention_ref, paged_extend_attention_ref
 from splitreason_engine.kernels import paged_attention_triton as pa
 from splitreason_engine.kernels import tuning
@@ -34,10 +36,6 @@ SHAPES = [(4, 4, 32, 16), (10, 2, 20, 7), (6, 1, 16, 13), (16, 2, 64, 5)]
 SHAPE_IDS = [f"hq{s[0]}-hkv{s[1]}-d{s[2]}-p{s[3]}" for s in SHAPES]
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
-
-
-def new_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 def paged_kv(lengths: list[int], page_tokens: int, hkv: int, d: int, dtype: torch.dtype, gen: torch.Generator,
@@ -101,7 +99,7 @@ def decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
 @pytest.mark.parametrize("shape,batch", [(SHAPES[0], 9), (SHAPES[1], 1), (SHAPES[2], 8), (SHAPES[3], 3)],
                          ids=[f"{i}-b{b}" for i, b in zip(SHAPE_IDS, [9, 1, 8, 3])])
 def test_decode_matches_ref(shape, batch, dtype):
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = shape
     lengths = decode_lengths(p, batch, gen)
@@ -118,7 +116,7 @@ def test_decode_matches_ref(shape, batch, dtype):
 
 def test_decode_split_counts_agree():
     """One split, a few, and more than any sequence can use (empty splits) give the same result."""
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = 8, 2, 32, 6
     lengths = [100, 33, 64, 0, 5]
@@ -158,7 +156,7 @@ SPLIT_CASES = [
 def test_decode_splits_follow_the_context(case, dtype):
     """A batch of mixed lengths (padding rows of 0, one split, several, the most the grid has)
     under a config of short splits: every row matches the ref and the counters are left at 0."""
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p, cfg = case
     tile = cfg["block_n"]
@@ -179,11 +177,35 @@ def test_decode_splits_follow_the_context(case, dtype):
     assert (decode_counters(1, CPU) == 0).all(), f"seed {seed}: counters left set"
 
 
+@pytest.mark.parametrize("order", ORDERS[1:])
+@pytest.mark.parametrize("case", SPLIT_CASES[:2], ids=[f"hq{c[0]}-hkv{c[1]}-p{c[3]}" for c in SPLIT_CASES[:2]])
+def test_decode_merge_is_independent_of_program_order(case, order):
+    """The programs of one launch in reversed and shuffled order (tests/program_order.py): another
+    split program is the last to arrive and merges, with the same bits as in grid order, and every
+    counter is back at 0."""
+    seed = test_seed()
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, p, cfg = case
+    longest = cfg["max_splits"] * -(-cfg["min_split_tokens"] // cfg["block_n"]) * cfg["block_n"]
+    lengths = [longest + 7, 0, cfg["min_split_tokens"] + 1, 1, longest]
+    assert used_splits(longest, cfg) == cfg["max_splits"] > 1
+    k_cache, v_cache, block_tables = paged_kv(lengths, p, hkv, d, torch.float32, gen)
+    q = make_q(len(lengths), hq, hkv, d, torch.float32, gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    forward = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q), config=cfg)
+    with grid_order(order, seed):
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q), config=cfg)
+    ref = decode_ref(q, k_cache, v_cache, block_tables, seq_lens, 0.3)
+    assert_close(out, ref, TOL[torch.float32], f"seed {seed}, {order}")
+    assert torch.equal(out, forward), f"seed {seed}: {order} order changed the bits"
+    assert (decode_counters(1, CPU) == 0).all(), f"seed {seed}: counters left set"
+
+
 def test_decode_counters_reset_between_calls():
     """Two calls in a row with other lengths (as CUDA-graph replays do) both merge correctly: the
     last program of each (sequence, KV head) puts its counter back to 0. The same inputs give the
     same bits again (the merge's order is fixed)."""
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = 6, 2, 20, 7
     cfg = {"block_n": 16, "min_split_tokens": 16, "max_splits": 6}
@@ -203,6 +225,33 @@ def test_decode_counters_reset_between_calls():
     assert torch.equal(firsts[0], firsts[2]), f"seed {seed}: the same call gave other bits"
 
 
+def test_counters_left_set_by_a_dead_launch_are_reset_before_the_next_forward():
+    """A launch that died before its merger ran leaves counters set, and the next call would then
+    merge too early (wrong rows). The op set's begin_forward, run at the start of every forward
+    pass (captured in the decode graphs too), zeroes them first."""
+    from splitreason_engine.kernels.ops import triton_ops
+
+    seed = test_seed()
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, p = 6, 2, 20, 7
+    cfg = {"block_n": 16, "min_split_tokens": 16, "max_splits": 6}
+    lengths = [90, 33, 61]
+    k_cache, v_cache, block_tables = paged_kv(lengths, p, hkv, d, torch.float32, gen)
+    q = make_q(3, hq, hkv, d, torch.float32, gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    ref = decode_ref(q, k_cache, v_cache, block_tables, seq_lens, 0.3)
+    counters = decode_counters(3 * hkv, CPU)
+    counters[: 3 * hkv] = 2  # what a launch cut short leaves behind
+    poisoned = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q), config=cfg)
+    assert not torch.allclose(poisoned, ref, atol=1e-3), f"seed {seed}: stale counters went unnoticed"
+    counters[: 3 * hkv] = 2
+    triton_ops().begin_forward(CPU)
+    assert (counters == 0).all()
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.3, out=nan_like(q), config=cfg)
+    assert_close(out, ref, TOL[torch.float32], f"seed {seed}")
+    counters.zero_()
+
+
 def test_decode_counters_grow_and_keep_the_old_buffer():
     buf = decode_counters(1, CPU)
     assert buf.dtype == torch.int32 and buf.numel() >= pa.COUNTERS_MIN
@@ -216,7 +265,7 @@ def test_decode_counters_grow_and_keep_the_old_buffer():
 def test_decode_every_candidate_matches_ref():
     """Every DECODE_CANDIDATES config (num_warps and num_stages are launch options the interpreter
     ignores, so each distinct (block_n, min_split_tokens) runs once), with several splits."""
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = 3, 1, 24, 9
     lengths = [0, 520, 130]
@@ -251,7 +300,7 @@ def test_decode_key_and_config(tmp_path, monkeypatch):
     assert decode_config(2, 4, 2, 12, 5, torch.float32, CPU, {"max_splits": 2})["max_splits"] == 2
     assert decode_config(2, 4, 2, 12, 5, torch.float16, CPU)["max_splits"] == CPU_SPLITS  # another key
     # The kernel runs the tuned entry: 50 tokens make 4 splits of 16 (7 allowed).
-    gen = torch.Generator().manual_seed(new_seed())
+    gen = torch.Generator().manual_seed(test_seed())
     lengths = [50, 0]
     k_cache, v_cache, block_tables = paged_kv(lengths, 5, 2, 12, torch.float32, gen)
     q = make_q(2, 4, 2, 12, torch.float32, gen)
@@ -266,7 +315,7 @@ def test_decode_key_and_config(tmp_path, monkeypatch):
 
 def test_decode_all_padding_rows_are_zero():
     """A CUDA-graph batch padded with seq_len-0 rows (block tables of page 0) writes zeros there."""
-    gen = torch.Generator().manual_seed(new_seed())
+    gen = torch.Generator().manual_seed(test_seed())
     k_cache, v_cache, _ = paged_kv([20], 8, 2, 16, torch.float32, gen)
     q = make_q(3, 4, 2, 16, torch.float32, gen)
     out = paged_decode_attention(q, k_cache, v_cache, torch.zeros(3, 4, dtype=torch.int32),
@@ -292,7 +341,7 @@ def extend_batch(p: int, batch: int) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("shape,batch", [(SHAPES[0], 9), (SHAPES[1], 1), (SHAPES[2], 8), (SHAPES[3], 5)],
                          ids=[f"{i}-b{b}" for i, b in zip(SHAPE_IDS, [9, 1, 8, 5])])
 def test_extend_matches_ref(shape, batch, dtype):
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = shape
     pairs = extend_batch(p, batch)
@@ -329,7 +378,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"hq{s[0]}-hkv{s[1]}-p{s[3]}")
 def test_decode_cuda_bf16(shape, batch):
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = shape
     dev = torch.device("cuda")
@@ -351,7 +400,7 @@ def test_decode_cuda_bf16(shape, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"hq{s[0]}-hkv{s[1]}-p{s[3]}")
 def test_extend_cuda_bf16(shape):
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = shape
     dev = torch.device("cuda")
@@ -375,7 +424,7 @@ def test_extend_cuda_bf16(shape):
 def test_decode_cuda_graph_replays_with_new_lengths():
     """Captured once, replayed with other seq_lens (padding rows of 0 included): the grid and the
     split count do not depend on the lengths, and nothing syncs with the host."""
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p, batch = 12, 2, 128, 16, 8
     dev = torch.device("cuda")
@@ -412,7 +461,7 @@ def test_decode_cuda_graph_replays_with_new_lengths():
 def test_decode_cuda_every_candidate():
     """Every sweep candidate compiles and matches the ref at the 1.5B shape (one split, several,
     a padding row), and leaves the counters at 0."""
-    seed = new_seed()
+    seed = test_seed()
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d, p = 12, 2, 128, 16
     dev = torch.device("cuda")

@@ -9,12 +9,13 @@ size. Inputs are fresh each run; the seed is in every failure message.
 """
 
 import math
-import os
 import random
 
 import pytest
 import torch
 
+from program_order import ORDERS, grid_order
+from properties import test_seed
 from splitreason_engine import sampling, tags
 from splitreason_engine.kernels.sample import (CLOSE, CLOSING, NONFINITE, OPEN, STATE_SHIFT, STOP, noise_uniform,
                                                sample_and_detect_ref)
@@ -43,7 +44,7 @@ KINDS = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 40, 0
 
 @pytest.fixture
 def seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    return test_seed()
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,29 @@ def test_kernel_matches_reference_over_chunks(seed, dtype, vocab, n, cfg):
     assert got[0].tolist() == tokens.tolist(), msg
     assert got[1].tolist() == words.tolist(), msg
     torch.testing.assert_close(got[2], logprobs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
+
+
+@pytest.mark.parametrize("order", ORDERS[1:])
+@pytest.mark.parametrize("filters", [True, False], ids=["filters", "no-filters"])
+def test_chunk_merges_are_independent_of_program_order(seed, order, filters):
+    """The (row, chunk) programs in reversed and shuffled order (tests/program_order.py): another
+    chunk is the last to arrive and merges, and the tokens, words and logprobs are the reference's
+    and the same bits as in grid order."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"block": 128, "chunk": 384, "pivots": 16}
+    args = _filtered_rows(g, 9, 1000, torch.float32)
+    if not filters:
+        args["top_k"].zero_()
+        args["top_p"].fill_(1.0)
+    expected = sample_and_detect_ref(**args)
+    forward = sample_and_detect(**args, config=cfg, filters=filters)
+    with grid_order(order, seed):
+        got = sample_and_detect(**args, config=cfg, filters=filters)
+    msg = f"seed {seed}, {order}"
+    assert all(torch.equal(a, b) for a, b in zip(got, forward)), msg
+    assert got[0].tolist() == expected[0].tolist(), msg
+    assert got[1].tolist() == expected[1].tolist(), msg
+    torch.testing.assert_close(got[2], expected[2], atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter

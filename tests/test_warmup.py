@@ -135,7 +135,7 @@ def hybrid_ops() -> Ops:
             ref.silu_mul_linear(gate_up, weight, bias, residual))
 
     return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, decode_attention, extend_attention, silu_and_mul,
-               sample_and_detect, linear, silu_mul_linear)
+               sample_and_detect, linear, silu_mul_linear, tr.begin_forward)
 
 
 def cuda_like(monkeypatch) -> None:

@@ -35,6 +35,10 @@ class Ops:
     sample_and_detect: Callable
     linear: Callable  # (x, weight, bias=None, residual=None): the projections
     silu_mul_linear: Callable  # (gate_up, weight, bias=None, residual=None): SwiGLU + down projection
+    # (device): called at the start of every forward pass, inside a captured CUDA graph too. The
+    # Triton set zeroes the decode-attention counters there, so a launch that died halfway (its
+    # merger never ran) cannot leave a counter that corrupts every later call.
+    begin_forward: Callable
 
 
 def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len):
@@ -42,20 +46,24 @@ def _extend_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sc
     return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
+def _nothing_to_reset(device: torch.device) -> None:
+    """The references keep no state between calls."""
+
+
 TORCH_OPS = Ops("torch", rms_norm_ref, add_rms_norm_ref, rope_store_kv_ref, paged_decode_attention_ref, _extend_ref,
-                silu_and_mul_ref, sample_and_detect_ref, linear_ref, silu_mul_linear_ref)
+                silu_and_mul_ref, sample_and_detect_ref, linear_ref, silu_mul_linear_ref, _nothing_to_reset)
 
 
 def triton_ops() -> Ops:
     from .activation_triton import silu_and_mul
     from .linear_triton import linear, silu_mul_linear
     from .norms_triton import add_rms_norm, rms_norm
-    from .paged_attention_triton import paged_decode_attention, paged_extend_attention
+    from .paged_attention_triton import paged_decode_attention, paged_extend_attention, reset_decode_counters
     from .rope_triton import rope_store_kv
     from .sample_triton import sample_and_detect
 
     return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, paged_extend_attention,
-               silu_and_mul, sample_and_detect, linear, silu_mul_linear)
+               silu_and_mul, sample_and_detect, linear, silu_mul_linear, reset_decode_counters)
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:

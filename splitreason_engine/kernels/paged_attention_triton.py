@@ -26,7 +26,9 @@ so it is split-K ("flash decoding"), in ONE launch with the merge fused in:
       partials by their LSE, in split order 0..n-1 whichever program it is (the result is
       deterministic), reading them at L2 (.cg), writes `out` and resets the counter to 0.
 The counters live in a cached, zero-initialised per-device buffer (decode_counters) that every
-call leaves all zero again, so the next call and every CUDA-graph replay start clean. It is
+call leaves all zero again, so the next call and every CUDA-graph replay start clean. A launch
+that dies halfway leaves its counters set, so each forward pass also zeroes the buffer first
+(reset_decode_counters, the op set's begin_forward: one memset, captured in the decode graphs). It is
 allocated (or grown) on the first call that needs it, which must not be inside a CUDA-graph
 capture: the engine's warm-up and DecodeGraphs.capture_all run every batch size eagerly before
 capturing it, and the buffer starts at COUNTERS_MIN pairs (more than any graph bucket needs).
@@ -201,15 +203,28 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []  # kept alive: CUDA graphs captured before a growth point at them
 
 
+def reset_decode_counters(device: "torch.device | str") -> None:
+    """Zeroes the device's decode counters, if it has any yet: called before every forward pass,
+    so a counter left set by a launch that never finished cannot poison the calls after it."""
+    buf = _COUNTERS.get(_counter_device(device))
+    if buf is not None:
+        buf.zero_()
+
+
+def _counter_device(device: "torch.device | str") -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def decode_counters(pairs: int, device: "torch.device | str") -> torch.Tensor:
     """The device's decode counter buffer (int32, all zero between calls), at least `pairs`
     (= batch * Hkv) long: allocated at the first call on the device, grown (to twice the need)
     when a call needs more. Neither may happen during a CUDA-graph capture (the zeroing would be
     captured, and the graph would hold a buffer the next growth replaces): run the batch size
     eagerly first, as the engine's warm-up and graph capture do."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _counter_device(device)
     buf = _COUNTERS.get(device)
     if buf is not None and buf.numel() >= pairs:
         return buf

@@ -152,7 +152,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, c: ModelConfig, max_positions: int, ops: Ops = TORCH_OPS, tp: "TPGroup | None" = None):
         super().__init__()
-        self.config, self.tp = c, tp
+        self.config, self.tp, self.ops = c, tp, ops
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, ops, tp) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
@@ -176,6 +176,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states [N, hidden] of every new token, before the final norm (applied in compute_logits)."""
+        self.ops.begin_forward(input_ids.device)
         x, residual = self.embed_tokens(input_ids), None
         rope = self.cos_sin[batch.positions]  # once per step, shared by every layer
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
