@@ -62,6 +62,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, machine_line, write_json  # noqa: E402
+from serve import server_prefix_caching  # noqa: E402
 
 from splitreason_engine.demo.task import sample_problem  # noqa: E402
 from splitreason_engine.stats import quantile  # noqa: E402
@@ -675,6 +676,7 @@ async def run(args) -> dict:
         out["server"] = {"argv": server.shown_argv(), "extra_args": args.server_args, "pid": server.proc.pid,
                          "api_key_supported": server.key_supported, "startup_s": server.startup_s,
                          "limits_assumed": limits}
+        out["prefix_caching"] = server_prefix_caching(server.base)
         auth = {"Authorization": f"Bearer {server.key}"} if server.key else {}
         # Idle connections are dropped before uvicorn's 5 s keep-alive timeout could close one under us.
         http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),

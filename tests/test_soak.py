@@ -48,6 +48,7 @@ def test_brief_soak_loses_nothing_and_leaks_no_pages(tmp_path):
     assert r["shutdown"]["exit_code"] is not None and not r["shutdown"]["killed_after_timeout"]
     assert r["latency"]["e2e_s"]["p50"] is not None and r["latency"]["ttft_streamed_s"]["p50"] is not None
     assert r["machine"]["cores"] and "--max-waiting=16" in r["server"]["argv"]
+    assert r["prefix_caching"] is True  # the server's default, read from its /metrics
     assert (tmp_path / "soak.png").is_file()
     assert "LOST" in report and "leaked" in report
     # Its exit status follows its hard checks.
