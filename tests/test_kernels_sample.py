@@ -134,7 +134,11 @@ def test_noise_is_the_documented_hash(seed):
             h = _mix32(_mix32((i * 0x9E3779B9 + (key & 0xFFFFFFFF)) & 0xFFFFFFFF) ^ (key >> 32))
             assert float(u[row, i]) == ((h >> 9) + 0.5) * 2.0**-23, f"seed {seed}, key {key}, id {i}"
     assert 0 < float(u.min()) and float(u.max()) < 1
-    assert abs(float(u.mean()) - 0.5) < 0.01, f"seed {seed}"
+    # Uniform on (0, 1): over 8 x 20000 draws the mean's standard deviation is sqrt(1/12/160000),
+    # about 0.00072; the bound is 7 of them. (It was 0.01 over 2400 draws, 1.7 standard deviations,
+    # which fresh seeds under tests/fuzz.py broke about one run in eleven.)
+    many = noise_uniform(keys, 20000)
+    assert abs(float(many.mean()) - 0.5) < 0.005, f"seed {seed}: mean {float(many.mean())}"
 
 
 def test_tag_bits_are_the_detector_flags():
