@@ -1,16 +1,41 @@
-"""Shared bits of the benchmarks: the machine's name, copy bandwidth, a random HF checkpoint, and
-medians of repeats with their spread."""
+"""Shared bits of the benchmarks: the machine's name, the model shapes, copy bandwidth, a random HF
+checkpoint, and medians of repeats with their spread."""
 
 import argparse
 import json
 import statistics
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from splitreason_engine.machine import machine, machine_line  # noqa: F401  (re-exported for the scripts)
+
+
+def shipped(name: str) -> dict:
+    """A config shipped in splitreason_engine/configs/, without special tokens (HF must not stop at EOS)."""
+    raw = json.loads((resources.files("splitreason_engine") / "configs" / name / "config.json").read_text())
+    return dict(raw, bos_token_id=None, eos_token_id=None)
+
+
+# The DeepSeek-R1-Distill-Qwen shapes (from DESIGN.md) and the shipped configs, for dummy weights.
+BASE = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192,
+            rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", use_sliding_window=False,
+            bos_token_id=None, eos_token_id=None, torch_dtype="bfloat16")
+MODELS = {
+    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "14B": dict(num_hidden_layers=48, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
+    "32B": dict(num_hidden_layers=64, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
+    "llama-8B": shipped("r1-distill-llama-8b"),
+    "qwen3-8B": shipped("qwen3-8b"),
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
+}
 
 
 def copy_bandwidth(device: str = "cpu", mib: int = 512, repeats: int = 10) -> float:

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run for this project, in one call of under 10 minutes (one
-# device command's limit; a 15-minute device budget then leaves no full second run, so steps that
-# time out are recorded and the rest still run):
+# Everything a lent GPU machine should run for this project, in one call of under 8 minutes (a
+# 15-minute device budget then leaves time for a second, shorter run). In order, most needed first:
 #   1. setup: the card and versions; build the C++ core offline (pip install -e . --no-build-isolation
 #      --no-deps --no-index; if that fails, compile csrc/ directly into an overlay on PYTHONPATH);
-#   2. the GPU tests (pytest -m gpu, on the test files that have GPU tests; among them
-#      tests/test_gpu_compiles.py: no Triton compile after start-up);
-#   3. bench/tune_kernels.py (sweeps the decode kernels' launch parameters, writes
-#      splitreason_engine/kernels/configs/<card>.json, which the later steps' engines read; copied to $OUT);
-#   4. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer);
-#   5. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor);
-#   6. bench/mixed_steps.py (mixed prefill + decode steps: wall time vs kernel time, staged vs in-place inputs);
-#   7. bench/split_batch.py (1.5B + 32B in one engine: small-only, big-only, random and split modes at
-#      batch 1, 16 and 64 under each co-scheduling policy; JIT compiles after start-up).
-# DEVICE_CHECK_STEPS picks steps (default: "pytest tune gpu_kernels gpu_decode split_batch"; mixed_steps on request);
-# e.g. DEVICE_CHECK_STEPS="pytest split_batch" for the co-scheduling check alone (about 6 minutes).
-# Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 560 s); a failed
-# or timed-out step is recorded and the later steps still run. The benchmarks' JSON, each step's
-# status and the pytest summary are merged into bench/results/device_check_<card>.json (the two
-# benchmark JSONs sit beside it); JSON and logs also go to $OUT when it is set. A short table
-# comes last.
+#   2. pytest: the GPU tests (pytest -m gpu, on the test files that have GPU tests), the stress checks
+#      of tests/test_gpu_stress.py first (random decode batches, back-to-back launches, four layers in
+#      one CUDA graph, the sampler at 64 x 152k), then tests/test_gpu_compiles.py (no Triton compile
+#      after start-up) and the rest;
+#   3. memcheck, initcheck: compute-sanitizer over each kernel's GPU test, when the tool is on the
+#      machine (recorded as skipped otherwise);
+#   4. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor);
+#   5. bench/split_batch.py (1.5B + 32B in one engine, dummy weights: every mode at batch 1, 16 and 64
+#      under each co-scheduling policy; JIT compiles after start-up);
+#   6. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer, sampler, GEMV);
+#   7. bench/tune_kernels.py (sweeps the kernels' launch parameters in what is left of the budget and
+#      writes splitreason_engine/kernels/configs/<card>.json, copied to $OUT: commit it);
+#   8. bench/mixed_steps.py, only when DEVICE_CHECK_STEPS names it.
+# DEVICE_CHECK_STEPS picks steps (default: "pytest memcheck initcheck gpu_decode split_batch gpu_kernels
+# tune"). Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 470 s), its
+# cap shortened so the later steps keep a reserve; a failed or timed-out step is recorded and the later
+# steps still run. After every step bench/device_check_report.py merges what exists so far into
+# bench/results/device_check_<card>.json (the benchmarks' JSON sit beside it), and copies all of it to
+# $OUT when that is set: a run cut short still returns what it measured. Its last lines are a table
+# against the targets of issues 12 and 13.
 #
 #   bash bench/device_check.sh             # on the GPU machine, from anywhere in the checkout
 #   bash bench/device_check.sh --smoke     # the same steps on the CPU (tiny shapes, Triton interpreter);
@@ -36,8 +39,8 @@ SMOKE=${DEVICE_CHECK_SMOKE:-0}
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PY=$VIRTUAL_ENV/bin/python
 else PY=python3; fi
-BUDGET=${DEVICE_CHECK_BUDGET_S:-560}
-STEPS=" ${DEVICE_CHECK_STEPS:-pytest tune gpu_kernels gpu_decode split_batch} "
+BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
+STEPS=" ${DEVICE_CHECK_STEPS:-pytest memcheck initcheck gpu_decode split_batch gpu_kernels tune} "
 BUILD_MODE=${DEVICE_CHECK_BUILD:-auto}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -92,6 +95,11 @@ run_step() {  # name cap reserve command...
     rc=${PIPESTATUS[0]}
     record "$name" "$rc" $(( $(date +%s) - s )) "$t"
     echo "=== $name: exit $rc after $(( $(date +%s) - s )) s"
+    report
+}
+
+report() {  # the merged JSON of what has run so far (and $OUT); with --table, the final table too
+    "$MERGE_PY" "$ROOT/bench/device_check_report.py" "$@" || echo "report: exit $? (the steps' own JSON and logs are in $LOGS)"
 }
 
 importable() {  # from a neutral folder, as the benchmarks see the package (not the checkout's folder)
@@ -150,6 +158,12 @@ EOF
     importable
 }
 
+MERGE_PY=$PY
+"$MERGE_PY" -c "pass" 2> /dev/null || MERGE_PY=python3
+export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_SPLIT=$SPLIT_JSON DC_TUNE=$TUNE_JSON \
+    DC_MERGED=$MERGED_JSON DC_STEPS="$STEPS" DC_PYTEST_LOG=$LOGS/pytest.log DC_LOGS=$LOGS DC_SMOKE=$SMOKE \
+    DC_START=$START DC_SLUG=$SLUG
+
 echo "=== device check: $([[ $SMOKE == 1 ]] && echo 'SMOKE (CPU)' || echo GPU), python $PY, budget ${BUDGET}s"
 s=$(date +%s)
 setup > "$LOGS/setup.log" 2>&1
@@ -157,138 +171,50 @@ rc=$?
 cat "$LOGS/setup.log"
 record setup "$rc" $(( $(date +%s) - s )) 0
 echo "=== setup: exit $rc"
+report
 
-# Only files with GPU tests: the others may import what this machine lacks (fastapi, openai).
-mapfile -t GPU_TESTS < <(grep -lE 'pytest\.mark\.gpu|pytestmark *=.*gpu' tests/test_*.py 2>/dev/null)
+# Only files with GPU tests: the others may import what this machine lacks (fastapi, openai). The
+# stress checks and the no-compile test first: a run cut short has those.
+mapfile -t FOUND < <(grep -lE 'pytest\.mark\.gpu|pytestmark *=.*gpu' tests/test_*.py 2>/dev/null)
+GPU_TESTS=()
+for f in tests/test_gpu_stress.py tests/test_gpu_compiles.py "${FOUND[@]}"; do
+    [[ " ${FOUND[*]} " == *" $f "* && " ${GPU_TESTS[*]} " != *" $f "* ]] && GPU_TESTS+=("$f")
+done
 (( ${#GPU_TESTS[@]} )) || GPU_TESTS=(tests/)
 # `python -m pytest` puts its working folder first on sys.path: the checkout normally, $RUN after an
 # overlay build (so that the overlay's splitreason_engine, with its _C, is the one imported).
 PYTEST_DIR=$ROOT
 [[ -n "${OVERLAY_SITE:-}" ]] && PYTEST_DIR=$RUN
-run_step pytest 140 340 env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE -p no:cacheprovider \
-    --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "${GPU_TESTS[@]/#/$ROOT/}"
-if [[ $SMOKE == 1 ]]; then TUNE_ARGS=(--smoke --out "$RESULTS/kernel_config_smoke.json"); else TUNE_ARGS=(--budget-s 90); fi
-run_step tune 110 230 "$PY" bench/tune_kernels.py "${TUNE_ARGS[@]}" --json "$TUNE_JSON"
-run_step gpu_kernels 80 150 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
-run_step gpu_decode 150 40 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
-run_step mixed_steps 60 0 "$PY" bench/mixed_steps.py "${SMOKE_FLAG[@]}" --json "$MIXED_JSON"
+PYTEST=(env --chdir="$PYTEST_DIR" "$PY" -m pytest -q -m gpu -rfE -p no:cacheprovider --rootdir="$ROOT"
+        -c "$ROOT/pyproject.toml")
+run_step pytest 130 300 "${PYTEST[@]}" "${GPU_TESTS[@]/#/$ROOT/}"
+
+# compute-sanitizer over each kernel's plain GPU tests (the CUDA-graph tests only replay the same kernels).
+KERNEL_TESTS=(tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_kernels_linear.py
+              tests/test_kernels_sample.py)
+SANITIZE_K="decode_cuda_bf16 or extend_cuda_bf16 or rope_store_kv_gpu or norms_gpu or silu_and_mul_gpu"
+SANITIZE_K+=" or (qwen_1_5b and gate_up) or reference_on_gpu"
+for tool in memcheck initcheck; do
+    if command -v compute-sanitizer > /dev/null && [[ $SMOKE == 0 ]]; then
+        run_step "$tool" 50 230 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            "${PYTEST[@]}" -k "$SANITIZE_K" "${KERNEL_TESTS[@]/#/$ROOT/}"
+    elif [[ $STEPS == *" $tool "* ]]; then
+        echo "=== $tool: skipped (no compute-sanitizer on this machine$([[ $SMOKE == 1 ]] && echo ', or --smoke'))"
+        record "$tool" 200 0 0
+        report
+    fi
+done
+
+run_step gpu_decode 120 170 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
 if [[ $SMOKE == 1 ]]; then SPLIT_ARGS=(--device cpu --batches 1 2 --tokens 32 --hidden 128 --big-layers 2); else SPLIT_ARGS=(); fi
-run_step split_batch 240 0 "$PY" bench/split_batch.py "${SPLIT_ARGS[@]}" --json "$SPLIT_JSON"
-
-export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_MIXED=$MIXED_JSON DC_SPLIT=$SPLIT_JSON \
-    DC_MERGED=$MERGED_JSON DC_STEPS="$STEPS" \
-    DC_PYTEST_LOG=$LOGS/pytest.log DC_LOGS=$LOGS DC_SMOKE=$SMOKE DC_START=$START DC_SLUG=$SLUG
-MERGE_PY=$PY
-"$MERGE_PY" -c "pass" 2> /dev/null || MERGE_PY=python3
-if [[ -n "${OUT:-}" ]]; then
-    for f in "$TUNE_JSON" "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON" "$SPLIT_JSON"; do [[ -f $f ]] && cp "$f" "$OUT/"; done
-    [[ $SMOKE == 0 && -f splitreason_engine/kernels/configs/$SLUG.json ]] && cp "splitreason_engine/kernels/configs/$SLUG.json" "$OUT/kernel_config_$SLUG.json"
+run_step split_batch 150 60 "$PY" bench/split_batch.py "${SPLIT_ARGS[@]}" --json "$SPLIT_JSON"
+run_step gpu_kernels 60 30 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
+run_step mixed_steps 60 30 "$PY" bench/mixed_steps.py "${SMOKE_FLAG[@]}" --json "$MIXED_JSON"
+# The sweep gets what is left of the budget: its own --budget-s is its timeout less 15 s.
+if [[ $SMOKE == 1 ]]; then TUNE_ARGS=(--smoke --out "$RESULTS/kernel_config_smoke.json")
+else TUNE_BUDGET=$(( $(step_timeout 120 0) - 15 )); TUNE_ARGS=(--budget-s $(( TUNE_BUDGET < 10 ? 10 : TUNE_BUDGET ))); fi
+run_step tune 120 0 "$PY" bench/tune_kernels.py "${TUNE_ARGS[@]}" --json "$TUNE_JSON"
+if [[ -n "${OUT:-}" && $SMOKE == 0 && -f splitreason_engine/kernels/configs/$SLUG.json ]]; then
+    cp "splitreason_engine/kernels/configs/$SLUG.json" "$OUT/kernel_config_$SLUG.json"
 fi
-"$MERGE_PY" - <<'EOF'
-"""Merges the step statuses, the pytest summary and both benchmarks' JSON; prints the final table."""
-import json
-import os
-import re
-import shutil
-import time
-from pathlib import Path
-
-env = os.environ
-
-
-def load(path: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-steps = []
-for line in Path(env["DC_STATUS"]).read_text().splitlines():
-    name, rc, seconds, limit = line.split("\t")
-    rc = int(rc)
-    state = "ok" if rc == 0 else ("TIMEOUT" if rc in (124, 137) else f"FAILED (exit {rc})")
-    steps.append({"step": name, "exit": rc, "seconds": int(seconds), "timeout_s": int(limit), "status": state})
-
-summary = None
-try:
-    lines = Path(env["DC_PYTEST_LOG"]).read_text().splitlines()
-    summary = next((l.strip("= ") for l in reversed(lines)
-                    if re.search(r"\b(passed|failed|errors?|skipped|deselected|no tests ran)\b", l)), None)
-except OSError:
-    pass
-counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary or "")}
-
-kernels, decode, mixed = load(env["DC_KERNELS"]), load(env["DC_DECODE"]), load(env["DC_MIXED"])
-split = load(env["DC_SPLIT"])
-info = kernels or decode or {}
-merged = {
-    "card": info.get("card"), "driver": info.get("driver"), "torch": info.get("torch"), "triton": info.get("triton"),
-    "cuda": info.get("cuda"), "smoke": env["DC_SMOKE"] == "1", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    "total_s": int(time.time()) - int(env["DC_START"]), "steps": steps,
-    "pytest": {"summary": summary, "counts": counts}, "gpu_kernels": kernels, "gpu_decode": decode,
-    "mixed_steps": mixed, "split_batch": split,
-    "targets": (kernels or {}).get("targets", []) + (decode or {}).get("targets", []),
-}
-out = Path(env["DC_MERGED"])
-out.write_text(json.dumps(merged, indent=2) + "\n")
-if env.get("OUT"):
-    shutil.copy(out, Path(env["OUT"]) / out.name)
-
-# ---- the final table -----------------------------------------------------------------------
-print()
-print("=" * 100)
-print(f"DEVICE CHECK{' (SMOKE: CPU, not a measurement)' if merged['smoke'] else ''} | card {merged['card']} | "
-      f"driver {merged['driver']} | torch {merged['torch']} | triton {merged['triton']} | {merged['total_s']} s")
-for s in steps:
-    extra = f"  {summary}" if s["step"] == "pytest" and summary else ""
-    print(f"  {s['step']:<12} {s['status']:<18} {s['seconds']:>4} s{extra}")
-if kernels:
-    mm = kernels["matmul"]
-    print(f"  ceilings: copy {kernels['copy_bandwidth_gb_s']:.0f} GB/s (read+write) | {mm['n']}^3 {mm['dtype']} matmul "
-          f"{mm['best_tflops']:.0f} TFLOP/s")
-    print(f"  {'decode attention':<22} {'us':>8} {'of copy':>8} {'ref/krn':>8} {'rel err':>8}")
-    for r in kernels["decode_attention"]:
-        if "error" in r:
-            print(f"  {r['case']:<22} ERROR {r['error'][:70]}")
-            continue
-        ratio = f"{r['ref_over_kernel']:.1f}" if "ref_over_kernel" in r else "-"
-        print(f"  {r['case']:<22} {r['us_best']:>8.1f} {r['copy_fraction']:>8.1%} {ratio:>8} "
-              f"{r['rel_err_vs_fp32']:>8.1e}{'' if r['correct'] else '  WRONG'}")
-if decode:
-    print(f"  {'decode e2e (tok/s)':<22} {'engine':>8} {'HF':>8} {'floor':>8} {'eng/fl':>7} {'eng/HF':>7}")
-    for name, r in decode["models"].items():
-        e, h = r.get("engine", {}).get("tok_s"), r.get("hf", {}).get("tok_s")
-        f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-        print(f"  {name:<22} {f(e, '.1f'):>8} {f(h, '.1f'):>8} {r['floor_tok_s']:>8.1f} "
-              f"{f(r.get('engine_over_floor'), '.1%'):>7} {f(r.get('engine_over_hf'), '.2f'):>7}"
-              + "".join(f"  {who} error: {r[who]['error'][:60]}" for who in ("engine", "hf")
-                        if "error" in r.get(who, {})))
-if mixed:
-    print(f"  {'mixed step (ms)':<26} {'staged':>8} {'in place':>9} {'kernels':>8} {'compiles':>8}   "
-          f"(kernel warm-up {mixed.get('warmup_s', 0):.1f} s)")
-    for r in mixed["cases"]:
-        g = r.get("gpu") or {}
-        k = "-" if g.get("kernels_ms") is None else f"{g['kernels_ms']:.2f}"
-        c = r["staged"]["compiles_while_timed"] + r["in_place"]["compiles_while_timed"]
-        print(f"  {r['case']:<26} {r['staged']['wall_ms_median']:>8.2f} {r['in_place']['wall_ms_median']:>9.2f} "
-              f"{k:>8} {c:>8}")
-if split:
-    print(f"  split / big-only ({split['headline_policy']}): "
-          + ", ".join(f"b{b} random {split.get(f'speedup_b{b}') or 0:.2f}x split {split.get(f'speedup_split_b{b}') or 0:.2f}x"
-                      for b in split["config"]["batches"])
-          + f" | JIT compiles after start-up: {split.get('jit_compiles_after_startup')}")
-for name, data in (("gpu_kernels", kernels), ("gpu_decode", decode), ("mixed_steps", mixed), ("split_batch", split)):
-    if data is None and f" {name} " in env["DC_STEPS"]:
-        print(f"  {name}: no JSON (the step failed or timed out: see its log)")
-print("  targets:")
-for t in merged["targets"]:
-    v = t.get("value")
-    value = "-" if v is None else (f"{v:.1f} us" if t["unit"] == "us" else f"{v:.1f} tok/s" if t["unit"] == "tok/s"
-                                   else f"{v:.1%}")
-    note = f"  ({t['note']})" if t.get("note") else ""
-    print(f"    {t['name']:<44} {value:>11}  {t['target']:<34} {'meets' if t['meets'] else 'MISSES'}{note}")
-failed = [s["step"] for s in steps if s["exit"] != 0]
-print(f"  JSON: {out}" + (" (and $OUT)" if env.get("OUT") else "") + f" | logs: {env['DC_LOGS']}"
-      + (f" | failed steps: {', '.join(failed)}" if failed else ""))
-EOF
+report --table

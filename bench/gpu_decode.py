@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -42,34 +41,13 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: before they are imported
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, machine, machine_line, write_json  # noqa: E402
+from common import BASE, MODELS, copy_bandwidth, machine, machine_line, write_json  # noqa: E402
 from gpu_kernels import card_info, device_and_dtype  # noqa: E402
 
 from splitreason_engine import Engine, SamplingParams  # noqa: E402
 from splitreason_engine.kernels.ops import KERNEL_CHOICES  # noqa: E402
 
 
-def shipped(name: str) -> dict:
-    """A config shipped in splitreason_engine/configs/, without special tokens (HF must not stop at EOS)."""
-    raw = json.loads((resources.files("splitreason_engine") / "configs" / name / "config.json").read_text())
-    return dict(raw, bos_token_id=None, eos_token_id=None)
-
-
-BASE = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192,
-            rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", use_sliding_window=False,
-            bos_token_id=None, eos_token_id=None, torch_dtype="bfloat16")
-MODELS = {
-    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "14B": dict(num_hidden_layers=48, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
-                intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
-    "32B": dict(num_hidden_layers=64, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
-                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
-    "llama-8B": shipped("r1-distill-llama-8b"),
-    "qwen3-8B": shipped("qwen3-8b"),
-    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
-}
 BIG_CARD_BYTES = 100e9  # 32B beside 1.5B needs more than an 80 GB card
 # Fractions of the bandwidth floor (issue 13, on the H200: the 1.5B >= 980 tok/s); tiny only so
 # that --smoke runs this code.

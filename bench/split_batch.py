@@ -80,7 +80,8 @@ def write_pair(root: Path, args) -> tuple[Path, Path, str]:
     if args.device != "cuda":
         return small, big, f"CPU pair: hidden {args.hidden}, {args.small_layers} + {args.big_layers} layers"
     import torch
-    from gpu_decode import BASE, BIG_CARD_BYTES, MODELS
+    from common import BASE, MODELS
+    from gpu_decode import BIG_CARD_BYTES
 
     big_name = "32B" if torch.cuda.get_device_properties(0).total_memory > BIG_CARD_BYTES else "14B"
     for folder, name in ((small, "1.5B"), (big, big_name)):

@@ -14,7 +14,6 @@ merge; explicit `config`s give one split, several, and every candidate of the sw
 """
 
 import json
-import os
 
 import pytest
 import torch

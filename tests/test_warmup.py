@@ -1,22 +1,21 @@
 """The start-up warm-up reaches every Triton kernel variant that serving reaches (on the CPU).
 
 Triton compiles a kernel once per specialization key. Here every launch of the project's kernels
-is intercepted and its key computed by Triton's own binder (triton.runtime.jit's
-create_function_from_signature, the code JITFunction.run uses, with the installed Triton's
-specialization: constexprs, dtypes, integers equal to 1 or multiples of 16, 16-byte aligned
-pointers, do_not_specialize honoured), without compiling or running anything. The ops still
+is intercepted and its key computed by Triton's own binder, without compiling or running anything
+(bench/launches.py, which bench/compile_check.py also uses to compile those variants). The ops still
 compute: each op runs the Triton wrapper (which builds the real launch arguments, outputs
 included) and fills the wrapper's outputs with the PyTorch reference's results, so the engine
 serves real tokens at PyTorch speed.
 
-The CUDA-only choices are made as on CUDA: the runner's staging layout, decode_splits from an SM
-count, the GPU's extend tiles. A real workload (split, random, big and small modes; batches of 1
-to 64; prompts of many lengths; chunked prefill and eager catch-up; decode steps from the static
-padded graph buffers and eagerly; every sampling option and stop-id widths up to 40) must launch
-no key the warm-up did not.
+The CUDA-only choices are made as on CUDA (launches.cuda_like): the runner's staging layout,
+decode_splits from an SM count, the GPU's decode, extend and sampler launch parameters. A real
+workload (split, random, big and small modes; batches of 1 to 64; prompts of many lengths; chunked
+prefill and eager catch-up; decode steps from the static padded graph buffers and eagerly; every
+sampling option and stop-id widths up to 40) must launch no key the warm-up did not.
 """
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,65 +25,20 @@ import torch
 from mixed_workload import mixed_workload
 from split_models import save_pair
 from splitreason_engine import Engine, SamplingParams
-from splitreason_engine import runner as runner_module
 from splitreason_engine.decode_graphs import DecodeGraphs
 from splitreason_engine.kernels.ops import TORCH_OPS, Ops
 from splitreason_engine.warmup import WarmupReport, warm_up_kernels, warmup_steps
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import BaseBackend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from launches import KERNEL_MODULES, KERNELS, LaunchRecorder, as_jit, cuda_like, kernels_of  # noqa: E402
 
-from splitreason_engine.kernels import (activation_triton, linear_triton, norms_triton,  # noqa: E402
-                                        paged_attention_triton, rope_triton, sample_triton)
+from splitreason_engine.kernels import linear_triton  # noqa: E402
 
-KERNEL_MODULES = (activation_triton, linear_triton, norms_triton, paged_attention_triton, rope_triton, sample_triton)
-LAUNCHED = {"_silu_and_mul_kernel", "_rms_norm_kernel", "_add_rms_norm_kernel", "_decode_split_kernel",
-            "_extend_kernel", "_rope_store_kv_kernel", "_sample_detect_kernel", "_linear_kernel"}
 # The decode GEMV compiles per projection shape (qkv, o_proj, gate_up, down) and row bucket.
 VARIANTS_PER_MODEL = {"_linear_kernel": 4 * len(linear_triton.ROW_BUCKETS)}
 FAKE_SMS = 8  # decode_splits as on a GPU of 8 SMs: max_splits from 16 (batch 1) down to 1
-
-
-class KeyRecorder:
-    """Stands in for every launched kernel: records (kernel, Triton cache key) and launches nothing."""
-
-    def __init__(self):
-        self.phase = "warmup"
-        self.keys: dict[str, set] = defaultdict(set)
-        self.launches: dict[str, int] = defaultdict(int)
-
-    def install(self, monkeypatch) -> None:
-        found = set()
-        for module in KERNEL_MODULES:
-            for name, obj in list(vars(module).items()):
-                if not name.endswith("_kernel") or not hasattr(obj, "fn"):
-                    continue
-                found.add(name)
-                monkeypatch.setattr(module, name, _Recording(name, obj, self))
-        assert found == LAUNCHED, f"kernels changed: {sorted(found)}; update LAUNCHED"
-
-
-class _Recording:
-    def __init__(self, name: str, kernel, recorder: KeyRecorder):
-        # The interpreter's InterpretedFunction keeps the jit options: the same JITFunction Triton
-        # builds on a GPU (same do_not_specialize) gives the binder.
-        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
-        self.binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
-        self.name, self.recorder = name, recorder
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            _, specialization, options = self.binder(*args, **kwargs)
-            # JITFunction.run's cache key (compute_cache_key), less the flags it adds for every launch.
-            key = str(specialization) + str(options)
-            self.recorder.keys[self.name].add((self.recorder.phase, key))
-            self.recorder.launches[self.recorder.phase] += 1
-        return launch
-
-    def seen(self, phase: str) -> set:
-        return {key for p, key in self.recorder.keys[self.name] if p == phase}
 
 
 def hybrid_ops() -> Ops:
@@ -138,14 +92,6 @@ def hybrid_ops() -> Ops:
                sample_and_detect, linear, silu_mul_linear, tr.begin_forward)
 
 
-def cuda_like(monkeypatch) -> None:
-    """The wrappers' and the runner's CUDA-only choices, on the CPU."""
-    pa = paged_attention_triton
-    monkeypatch.setattr(pa, "decode_splits", lambda batch, kv_heads, device: pa.splits_for(batch, kv_heads, FAKE_SMS))
-    monkeypatch.setattr(pa, "_extend_blocks", lambda q, block_d: pa.extend_blocks(q.dtype, block_d, "cuda"))
-    monkeypatch.setattr(runner_module, "stages", lambda device: True)
-
-
 def use_ops(engine: Engine, ops: Ops) -> None:
     """Puts `ops` in every module of every model, and in the engine (its sampler)."""
     engine.ops = ops
@@ -177,9 +123,9 @@ def pair(tmp_path_factory):
 def test_warmup_covers_every_variant_serving_launches(pair, monkeypatch):
     from tokenizers import Tokenizer
 
-    cuda_like(monkeypatch)
-    recorder = KeyRecorder()
-    recorder.install(monkeypatch)
+    cuda_like(monkeypatch.setattr, FAKE_SMS)
+    recorder = LaunchRecorder()
+    recorder.install(monkeypatch.setattr)
     seqs, tokens = 64, 96
     engine = Engine(*pair, kernels="torch", kv_cache_bytes=1 << 24, max_model_len=384, page_tokens=7,
                     max_num_seqs=seqs, max_num_batched_tokens=tokens, catch_up="eager", progress=False)
@@ -189,7 +135,7 @@ def test_warmup_covers_every_variant_serving_launches(pair, monkeypatch):
     assert all(r.steps >= 10 and r.samples >= 5 and r.compiled == 0 for r in reports), reports
     assert engine.scheduler.num_free_pages == engine.pool.num_pages
     warm = {name: {k for p, k in keys if p == "warmup"} for name, keys in recorder.keys.items()}
-    assert set(warm) == LAUNCHED, f"the warm-up launched {sorted(warm)}"
+    assert set(warm) == KERNELS, f"the warm-up launched {sorted(warm)}"
 
     recorder.phase = "serve"
     static_graphs(engine, max_batch=16)
@@ -214,9 +160,10 @@ def test_specialization_classes_are_tracked(monkeypatch):
     """The recorder's keys do follow Triton's specialization: a specialized integer's classes
     (1, multiple of 16, other) and a pointer's alignment give different keys, a do_not_specialize
     argument does not."""
-    recorder = KeyRecorder()
-    recorder.install(monkeypatch)
+    recorder = LaunchRecorder()
+    recorder.install(monkeypatch.setattr)
     rec = linear_triton._linear_kernel
+    seen = lambda: recorder.seen("_linear_kernel", "warmup")  # noqa: E731
     buf = torch.zeros(64)
     consts = dict(SILU_MUL=False, HAS_BIAS=False, HAS_RESIDUAL=False, DOT=False, DOT_PRECISION="ieee", BLOCK_M=4,
                   BLOCK_N=4, BLOCK_K=4)
@@ -224,7 +171,7 @@ def test_specialization_classes_are_tracked(monkeypatch):
         rec[(1,)](buf, buf, buf, buf, buf, rows, 4, 4, x_s0, 4, 4, 4, **consts)
     rec[(1,)](buf, buf, buf, buf, buf[1:], 3, 4, 4, 5, 4, 4, 4, **consts)  # unaligned out
     rec[(1,)](buf[1:], buf, buf, buf, buf, 3, 4, 4, 5, 4, 4, 4, **consts)  # unaligned x
-    assert len(rec.seen("warmup")) == 5  # x_s0 1 / 32 / 5, then the two pointers; rows never
+    assert len(seen()) == 5  # x_s0 1 / 32 / 5, then the two pointers; rows never
 
 
 def test_warmup_steps_fit_any_limits():
@@ -304,9 +251,9 @@ def test_warmup_covers_both_alignments_of_extend_q(tmp_path, monkeypatch):
     """A model whose fused qkv row is not a multiple of 16 bytes (3 + 2 heads of 18 fp32 = 360 B):
     extend's q = qkv[num_decodes:] is then 16-byte aligned or not by num_decodes, two variants
     of the extend kernel, and the warm-up reaches both."""
-    cuda_like(monkeypatch)
-    recorder = KeyRecorder()
-    recorder.install(monkeypatch)
+    cuda_like(monkeypatch.setattr, FAKE_SMS)
+    recorder = LaunchRecorder()
+    recorder.install(monkeypatch.setattr)
     config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=48, intermediate_size=64,
                   num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=1, head_dim=18, vocab_size=96,
                   max_position_embeddings=256, rope_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -332,10 +279,8 @@ def test_do_not_specialize_names_are_parameters():
     """Triton ignores a do_not_specialize name that is not a parameter: a typo would silently
     specialize again."""
     for module in KERNEL_MODULES:
-        for name, obj in vars(module).items():
-            if not name.endswith("_kernel") or not hasattr(obj, "fn"):
-                continue
-            jit = obj if isinstance(obj, JITFunction) else JITFunction(obj.fn, **obj.kwargs)
+        for name, obj in kernels_of(module).items():
+            jit = as_jit(obj)
             params = {p.name for p in jit.params}
             names = set(jit.do_not_specialize or ())
             assert names <= params, f"{name}: {sorted(names - params)} are not parameters"

@@ -487,17 +487,27 @@ def _extend_kernel(
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def extend_blocks(dtype: torch.dtype, block_d: int, device_type: str) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 64x64 tiles on GPU, 32x32 past D=128 or for fp32 (IEEE dots need about
-    4x the shared memory); small tiles in the CPU interpreter, which simulates every tile. One
-    value per model (dtype, head dim) and device: never chosen from a step's shape."""
+def extend_launch(dtype: torch.dtype, block_d: int, device_type: str, major: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of extend on a device of compute capability `major`.x: 64x64
+    tiles on GPU, 32x32 past D=128 or for fp32 (IEEE dots need about 4x the shared memory); small
+    tiles in the CPU interpreter, which simulates every tile. Before Hopper the 64x128 fp32
+    accumulator of D=128 lives in mma.sync registers: 4 warps need more than 255 a thread and
+    spill on sm_80, so 8 warps share it there (bench/compile_check.py checks every card's choice).
+    One value per model (dtype, head dim) and device: never chosen from a step's shape."""
     if device_type != "cuda":
-        return 16, 16
-    return (64, 64) if block_d <= 128 and dtype.itemsize <= 2 else (32, 32)
+        return 16, 16, _warps(dtype)
+    if block_d <= 128 and dtype.itemsize <= 2:
+        return 64, 64, 8 if major < 9 and block_d == 128 else _warps(dtype)
+    return 32, 32, _warps(dtype)
 
 
-def _extend_blocks(q: torch.Tensor, block_d: int) -> tuple[int, int]:
-    return extend_blocks(q.dtype, block_d, q.device.type)
+@functools.lru_cache(maxsize=None)
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+
+
+def _extend_launch(q: torch.Tensor, block_d: int) -> tuple[int, int, int]:
+    return extend_launch(q.dtype, block_d, q.device.type, _major(q.device))
 
 
 def paged_extend_attention(
@@ -526,13 +536,12 @@ def paged_extend_attention(
     if max_query_len <= 0:
         return out
     block_d = _block_d(head_dim)
-    block_m, block_n = _extend_blocks(q, block_d)
+    block_m, block_n, num_warps = _extend_launch(q, block_d)
     _extend_kernel[(batch, num_heads, triton.cdiv(max_query_len, block_m))](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         scale * _LOG2E, page_tokens,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        num_warps=_warps(k_cache.dtype),
+        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(k_cache.dtype), num_warps=num_warps,
     )
     return out
