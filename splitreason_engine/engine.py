@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import _C, parallel
+from . import _C, executor
 from .config import parse_dtype
 from .coschedule import POLICIES, make_policy
 from .decode_graphs import DecodeGraphs
@@ -28,8 +28,8 @@ from .kv_pool import KVPool, arena_page_bytes, available_bytes, geometry, page_b
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .parallel import TPFailure, TPGroup, WorkerSpec, check_divisible, local_heads
-from .protocol import CATCH_UP_POLICIES, FlowContext, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
-from .requests import BIG, MODEL_NAMES, SMALL, Request, RequestBook
+from .protocol import CATCH_UP_POLICIES, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
+from .requests import BIG, MODEL_NAMES, SMALL, FlowContext, Request, RequestBook
 from .runner import ModelRunner, StepLink, message_capacity
 from .sampling import DetectTables, SamplingParams, sample_and_detect, to_device
 from .stats import EngineStats
@@ -149,9 +149,9 @@ class Engine:
         if tp_size > 1:
             for s, c in zip(sources, configs):
                 check_divisible(c, tp_size, str(s.config_file))
-            self.tp = parallel.start(WorkerSpec(tuple(sources), self.dtype, self.device.type, max_model_len, seed,
+            self.tp = executor.start(WorkerSpec(tuple(sources), self.dtype, self.device.type, max_model_len, seed,
                                                 kernels, tp_size, tp_timeout_s, torch.get_num_threads()))
-            self._close = weakref.finalize(self, parallel.shutdown, self.tp)
+            self._close = weakref.finalize(self, executor.shutdown, self.tp)
         try:
             self._start(configs, sources, page_tokens, kv_cache_bytes, kv_cache_memory_fraction, max_num_seqs,
                         max_num_batched_tokens, prefix_caching, cuda_graphs, coschedule, step_costs,

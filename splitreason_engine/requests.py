@@ -1,20 +1,20 @@
-"""The live requests and what happens to their outputs: commit a token, extend a view, finish.
+"""The live requests, what happens to their outputs (commit a token, extend a view, finish), and
+the Flow interface each request's protocol implements (the flows themselves: protocol.py).
 
 The engine loop and the protocol flows both change requests; they do it through a RequestBook,
 so the flows need neither the Engine nor its private methods.
 """
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from . import _C
 from .outputs import RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 from .stats import EngineStats
+from .tags import TagDetector, Tags
 from .tokenizer import IncrementalDetokenizer, Tokenizer
-
-if TYPE_CHECKING:
-    from .protocol import Flow
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +173,73 @@ def _find_stop(req: Request, delta_len: int) -> "tuple[int, str] | None":
     hits = [(i, s) for s, i in ((s, req.text.find(s, start)) for s in req.params.stop) if i >= 0]
     return min(hits) if hits else None
 
+
+@dataclass(frozen=True)
+class FlowContext:
+    """What every flow of one engine shares: the request book and the protocol's settings."""
+
+    book: RequestBook
+    tokenizer: "Tokenizer | None"
+    tags: Tags
+    detector: "TagDetector | None"
+    catch_up: str
+    num_models: int
+
+
+class Flow(ABC):
+    """What one request's views read next, driven by the tokens sampled for it."""
+
+    def __init__(self, ctx: FlowContext, req: Request):
+        self.ctx, self.req = ctx, req
+        self.book, self.sched = ctx.book, ctx.book.scheduler
+        self.timer, self.since = "small", req.metrics.arrival_time
+
+    @abstractmethod
+    def initial_views(self) -> tuple[list[list[int]], list[int]]:
+        """Each model's first token stream and run state, for the scheduler's add_request."""
+
+    @abstractmethod
+    def on_token(self, model: int, token: int, word: int, logprob, now: float) -> None:
+        """Applies one token sampled for this request by `model`; `word` is the sampler's
+        detection word for it (STOP, and the tag automaton's step from detect_state(model))."""
+
+    def detect_state(self, model: int) -> int:
+        """The tag automaton state the sampler steps on `model`'s next token (-1: none wanted)."""
+        return -1
+
+    def next_index(self) -> int:
+        """The sampling-noise index of the next token sampled for this request."""
+        return len(self.req.tokens)
+
+    def samples_on(self, model: int) -> bool:
+        """Whether the token `model` samples now goes to the end of its view, and that view then
+        samples the next one, unless the token itself ends the request or changes the phase (a
+        tag in split mode, a switch in random mode): the engine may then launch the next step
+        before the token reaches the host, and drops that step's row if the token did change things."""
+        return False
+
+    def finish(self, now: float) -> None:
+        self._time(self.timer, now)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _time(self, timer: str, now: float) -> None:
+        """Charges the time since the last switch to the current phase, then switches."""
+        m = self.req.metrics
+        setattr(m, f"{self.timer}_time", getattr(m, f"{self.timer}_time") + now - self.since)
+        self.timer, self.since = timer, now
+
+    def _idle_run(self) -> int:
+        return _C.RUN_BACKGROUND if self.ctx.catch_up == "eager" else _C.RUN_IDLE
+
+    def _set_run(self, model: int, run: int) -> None:
+        self.sched.set_run(self.req.id, model, run)
+
+    def _ensure_pending(self, model: int) -> None:
+        """A view about to sample needs an uncomputed token: recompute its last one if fully caught up."""
+        rid = self.req.id
+        size = self.sched.view_size(rid, model)
+        if self.sched.view_computed(rid, model) == size:
+            last = self.sched.request_tokens(rid, model)[-1]
+            self.sched.truncate(rid, model, size - 1)
+            self.sched.append(rid, model, [last])

@@ -26,7 +26,7 @@ _PACKED = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_len
 _ALIGN = 4  # int32 elements: 16 bytes
 # The message header: op, model, num_seqs, num_tokens, num_decodes, num_samples, width, max_query_len.
 HEADER = 8
-STOP, STEP = 0, 1  # a message of zeros is STOP (parallel.shutdown)
+STOP, STEP = 0, 1  # a message of zeros is STOP (executor.shutdown)
 
 
 def _round_up(n: int) -> int:

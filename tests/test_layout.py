@@ -1,0 +1,80 @@
+"""The package's shape: no import circles between its modules (kernels and models included).
+
+Every `import` / `from ... import` of a package module counts, at any depth of the file (a function's
+lazy import, an `if TYPE_CHECKING:` block): a circle hidden that way is still one a reader has to
+untangle. The compiled core (`_C`) is a leaf.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "splitreason_engine"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """Each package module's package modules, by name."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                names = [a.name for a in node.names if a.name != "_C"]
+                subs = {f"{base}.{n}" for n in names if f"{base}.{n}" in files}
+                found |= subs | ({base} if len(subs) < len(names) else set())
+        edges[name] = {m for m in found if m in files and m != name}
+    return edges
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_the_finder_sees_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_circles():
+    edges = imports()
+    assert "splitreason_engine.engine" in edges and "splitreason_engine.kernels.ops" in edges
+    assert "splitreason_engine.parallel" in edges["splitreason_engine.runner"]  # the finder sees imports
+    found = circles(edges)
+    assert not found, "import circles: " + "; ".join(
+        " <-> ".join(g) + " (" + ", ".join(f"{m} -> {sorted(edges[m] & set(g))}" for m in g) + ")" for g in found)
