@@ -19,7 +19,7 @@ SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")
 CXXFLAGS = ["-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra"]
 # SPLITREASON_SANITIZE=1 builds _C with AddressSanitizer + UndefinedBehaviorSanitizer (.ci/sanitize runs
 # the tests on it). Python does not carry the ASan runtime: importing such a build needs it in
-# LD_PRELOAD (README, "Sanitized build").
+# LD_PRELOAD (docs/development.md, "Sanitized build").
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
                   "-g", "-O1"]
 
