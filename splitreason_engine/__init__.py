@@ -3,10 +3,11 @@
 import logging
 
 from .engine import Engine, EngineBroken
+from .engine_config import EngineConfig
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["Engine", "EngineBroken", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamEvent"]
+__all__ = ["Engine", "EngineBroken", "EngineConfig", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamEvent"]
 __version__ = "0.1.0"

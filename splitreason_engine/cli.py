@@ -10,64 +10,11 @@ from pathlib import Path
 
 from . import demo
 from .demo import evaluate as demo_eval, train as demo_train
-from .coschedule import POLICIES
 from .engine import Engine
-from .kernels.ops import KERNEL_CHOICES
+from .engine_config import add_options, config_from_args
 from .limits import ServerLimits
 from .loader import ModelSource
-from .protocol import CATCH_UP_POLICIES
 from .sampling import MODES, SamplingParams, generation_defaults
-
-
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models and engine")
-    g.add_argument("--small", metavar="PATH", help="small model: a Hugging Face checkpoint folder (config.json, "
-                   "safetensors, tokenizer.json); default: the shipped demo pair (small and big)")
-    g.add_argument("--big", metavar="PATH", help="big model checkpoint folder (same tokenizer as the small one); "
-                   "with it the default mode is split")
-    g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
-                   help="'dummy' builds random weights from config.json (real shapes, no download); default: auto")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (default: float32 on cpu, bfloat16 on cuda)")
-    g.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens (default: the models' context)")
-    g.add_argument("--kv-cache-bytes", type=int, help="size of the shared KV pool in bytes")
-    g.add_argument("--kv-cache-memory-fraction", type=float,
-                   help="KV pool as a fraction of memory free after loading (default: 0.9 cuda, 0.05 cpu)")
-    g.add_argument("--page-tokens", type=int, default=16,
-                   help="tokens per KV page for the model with the most KV per token (default: 16)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once (default: 256)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one step per model, prefill chunks included (default: 2048)")
-    g.add_argument("--seed", type=int, default=0, help="engine seed: dummy weights, unseeded sampling; in eval-demo also which problems and "
-                   "random mode's draws (default: 0)")
-    g.add_argument("--catch-up", choices=CATCH_UP_POLICIES, default="lazy",
-                   help="when the big model reads the small model's text: at each handoff (lazy) or in the "
-                        "background with spare batch budget (eager) (default: lazy)")
-    g.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="compute ops: the Triton kernels or the PyTorch references (default: auto, Triton on CUDA)")
-    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
-                   help="run CUDA decode steps eagerly instead of replaying CUDA graphs")
-    g.add_argument("--coschedule", choices=POLICIES, default="auto",
-                   help="when the big model runs: in every step a row needs it (eager), or gathered for many rows "
-                        "with bounded waiting (gather) (default: auto, chosen from the measured step costs)")
-    g.add_argument("--max-big-wait-ms", type=float,
-                   help="gather: longest a row waits for the big model, in ms (default: 64 one-row big-model steps)")
-    g.add_argument("--max-big-wait-steps", type=int, help="gather: longest a row waits for the big model, in steps")
-    g.add_argument("--gather-min-share", type=float,
-                   help="gather: share of the rows with work that must wait for the big model before it runs "
-                        "(default: T_big / (T_small + T_big) from the step costs)")
-    g.add_argument("--step-costs", type=Path, metavar="JSON",
-                   help="calibration file of per-model step costs (default: timed at start-up)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                   help="split both models over N processes (on CUDA one GPU each, cuda:0..N-1; gloo on the CPU) "
-                        "(default: 1)")
-    g.add_argument("--tp-timeout-s", type=float, default=60.0, metavar="S",
-                   help="with --tensor-parallel-size > 1: longest a collective may take before the engine gives up "
-                        "(default: 60)")
-    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="compute every prompt in full instead of reusing the KV of full pages that earlier "
-                        "requests computed for the same leading tokens")
 
 
 def add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -127,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the output as one JSON object instead of text")
     gen.add_argument("--stats", action="store_true",
                      help="print the SplitReason figures (tokens per model, handoffs, catch-up, latencies) to stderr")
-    add_engine_options(gen)
+    add_options(gen)
     add_sampling_options(gen)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                            description="Serve /v1/completions, /v1/chat/completions (streaming as server-sent "
@@ -144,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they end with an "
                             "error (default: 30)")
     add_limit_options(serve)
-    add_engine_options(serve)
+    add_options(serve)
     train = sub.add_parser("train-demo", help="train the demo model pair (small with tags, big without)",
                            description="Trains the demo pair on the synthetic multiplication-chain task: the small "
                                        "model on traces whose hard steps are wrapped in <bigmodel> tags, the big one "
@@ -169,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="modes to run (default: all four)")
     ev.add_argument("--max-tokens", type=int, default=400, help="most new tokens per answer (default: 400)")
     ev.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON, one object per mode")
-    add_engine_options(ev)
+    add_options(ev)
     return parser
 
 
@@ -188,17 +135,8 @@ def small_checkpoint(args) -> Path:
 
 
 def engine_from_args(args) -> Engine:
-    return Engine(*model_paths(args), device=args.device, dtype=args.dtype, load_format=args.load_format,
-                  page_tokens=args.page_tokens, kv_cache_bytes=args.kv_cache_bytes,
-                  kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                  seed=args.seed, catch_up=args.catch_up, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
-                  prefix_caching=args.prefix_caching,
-                  coschedule=args.coschedule, max_big_wait_steps=args.max_big_wait_steps,
-                  gather_min_share=args.gather_min_share,
-                  max_big_wait_s=None if args.max_big_wait_ms is None else args.max_big_wait_ms / 1e3,
-                  step_costs=args.step_costs, tensor_parallel_size=args.tensor_parallel_size,
-                  tp_timeout_s=args.tp_timeout_s)
+    small, big = model_paths(args)
+    return Engine(config=config_from_args(args, small=small, big=big))
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:

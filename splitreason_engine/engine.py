@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from . import _C, executor
 from .config import parse_dtype
-from .coschedule import POLICIES, make_policy
+from .coschedule import make_policy
 from .decode_graphs import DecodeGraphs
+from .engine_config import EngineConfig
 from .inflight import Batch, Feed, Results, Step
 from .jit import jit_compiles
 from .kernels.ops import select_ops
@@ -28,13 +29,13 @@ from .kv_pool import KVPool, arena_page_bytes, available_bytes, geometry, page_b
 from .loader import ModelSource, build_model, load_config
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .parallel import TPFailure, TPGroup, WorkerSpec, check_divisible, local_heads
-from .protocol import CATCH_UP_POLICIES, PromptTemplate, RandomFlow, SingleFlow, SplitFlow
+from .protocol import RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, MODEL_NAMES, SMALL, FlowContext, Request, RequestBook
 from .runner import ModelRunner, StepLink, message_capacity
 from .sampling import DetectTables, SamplingParams, sample_and_detect, to_device
 from .stats import EngineStats
 from .step_costs import StepCosts, WallClock, measure
-from .tags import TagDetector, Tags, token_bytes
+from .tags import TagDetector, token_bytes
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .warmup import should_warm_up, warm_up_kernels
 
@@ -58,119 +59,79 @@ Prompt = Union[str, list[int]]
 class Engine:
     """Both models, one KV pool, one step loop.
 
-    small / big: a checkpoint folder (or a config.json path with load_format="dummy"); small
-    defaults to the embedded tiny model with random weights. The big model must use the small
-    model's tokenizer. KV memory is `kv_cache_bytes` if given, else `kv_cache_memory_fraction`
-    of the memory free after loading both models (defaults 0.9 on CUDA, 0.05 on the host).
-    `template` and `tags` configure the SplitReason protocol; `catch_up` is "lazy" (the big
-    model catches up at each handoff) or "eager" (in the background, with spare batch budget).
-    `kernels`: "auto" (the Triton kernels on CUDA, the PyTorch ops on CPU), "torch" or "triton"
-    (on CPU only in Triton's interpreter). `cuda_graphs` (default: on for CUDA with the Triton
-    kernels) replays decode-only steps from CUDA graphs, one per batch-size bucket. `prefix_caching`:
-    full pages of KV stay in the pool after their request and serve later requests (in either
-    model) that start with the same tokens, until the pool needs the pages (least recently used first).
-    `tensor_parallel_size` N > 1 splits both models over N processes (this one is rank 0; see
-    docs/tensor-parallel.md), with `tp_timeout_s` on every collective; close() stops them.
-    `overlap` (default: on for CUDA without tensor parallelism) launches each step before the
-    previous step's tokens reach the host when they cannot change its inputs (docs/architecture.md,
-    "Overlapped steps"); the tokens are the same either way, for greedy and seeded sampling.
+    `Engine(small, big, **options)`: the options are EngineConfig's fields by name (engine_config.py
+    documents each); `Engine(config=EngineConfig(...))` takes a whole config. Without `small` the
+    engine runs the embedded tiny model with random weights. `clock` (a step_costs clock; default:
+    wall time) and `progress` (bars while loading and capturing) are not options of the engine's
+    behaviour. With tensor_parallel_size > 1 this process is rank 0; close() stops the others.
     """
 
     def __init__(self, small: "str | Path | None" = None, big: "str | Path | None" = None, *,
-                 device: str = "cpu", dtype: "str | torch.dtype | None" = None, load_format: str = "auto",
-                 page_tokens: int = 16, kv_cache_bytes: "int | None" = None,
-                 kv_cache_memory_fraction: "float | None" = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: "int | None" = None, seed: int = 0,
-                 template: "PromptTemplate | None" = None, tags: "Tags | None" = None, catch_up: str = "lazy",
-                 kernels: str = "auto", cuda_graphs: "bool | None" = None, coschedule: str = "auto",
-                 max_big_wait_steps: "int | None" = None, max_big_wait_s: "float | None" = None,
-                 gather_min_share: "float | None" = None, step_costs: "str | Path | StepCosts | None" = None,
-                 prefix_caching: bool = True, tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0,
-                 overlap: "bool | None" = None, clock=None, progress: bool = True):
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}") from e
+                 config: "EngineConfig | None" = None, clock=None, progress: bool = True, **options):
+        if config is None:
+            config = EngineConfig.from_options(small=small, big=big, **options)
+        elif small is not None or big is not None or options:
+            raise TypeError("pass either config or the models and options, not both")
+        self.config = config
+        model, sched = config.model, config.scheduler
+        self.device = torch.device(model.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available to PyTorch")
-        self.dtype = parse_dtype(dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
-        self.ops = select_ops(kernels, self.device)
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-        tp_size = tensor_parallel_size
-        if tp_size > 1:
-            if cuda_graphs:
-                raise ValueError("cuda_graphs=True is not supported with tensor_parallel_size > 1")
-            if self.device.type == "cuda" and (self.device.index or 0) != 0:
-                raise ValueError(f"with tensor_parallel_size > 1 rank r runs on cuda:r; pass device='cuda', got {device!r}")
-            if not tp_timeout_s > 0:
-                raise ValueError(f"tp_timeout_s must be positive, got {tp_timeout_s!r}")
-            cuda_graphs = False
-        if overlap and tp_size > 1:
-            raise ValueError("overlap=True is not supported with tensor_parallel_size > 1")
-        self.overlap = self.device.type == "cuda" and tp_size == 1 if overlap is None else bool(overlap)
+        self.dtype = parse_dtype(model.dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        self.ops = select_ops(model.kernels, self.device)
+        tp_size = config.parallel.tensor_parallel_size
+        self.overlap = self.device.type == "cuda" and tp_size == 1 if sched.overlap is None else bool(sched.overlap)
         self._ahead: "Step | None" = None  # a step launched before the last one's tokens were applied
+        cuda_graphs = sched.cuda_graphs
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and self.ops.name == "triton"
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs device='cuda', got device={device!r}")
+            cuda_graphs = self.device.type == "cuda" and self.ops.name == "triton" and tp_size == 1
         if cuda_graphs and self.ops.name != "triton":
             raise ValueError("cuda_graphs=True needs the Triton kernels (the PyTorch reference ops sync with the host)")
-        for name, value in (("page_tokens", page_tokens), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if catch_up not in CATCH_UP_POLICIES:
-            raise ValueError(f"catch_up must be one of {CATCH_UP_POLICIES}, got {catch_up!r}")
-        if coschedule not in POLICIES:
-            raise ValueError(f"coschedule must be one of {POLICIES}, got {coschedule!r}")
-        if isinstance(step_costs, (str, Path)):
-            step_costs = StepCosts.load(step_costs)
         self.clock = clock or WallClock()
-        self.catch_up, self.seed = catch_up, seed
-        self.template, self.tags = template or PromptTemplate(), tags or Tags()
+        self.catch_up, self.seed = config.protocol.catch_up, model.seed
+        self.template, self.tags = config.protocol.template, config.protocol.tags
+        small, load_format = model.small, model.load_format
         if small is None:
             small, load_format = default_model_path(), "dummy"
         sources = [ModelSource(Path(small), load_format)]
-        if big is not None:
-            sources.append(ModelSource(Path(big), load_format))
+        if model.big is not None:
+            sources.append(ModelSource(Path(model.big), load_format))
         configs = [load_config(s) for s in sources]
         self.tokenizer = self._load_tokenizer(sources[0].folder)
-        if big is not None:
+        if model.big is not None:
             self._check_same_tokenizer(sources[1].folder)
         context = min(c.max_position_embeddings for c in configs)
-        if max_model_len is None:
-            max_model_len = context
-        if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
-            raise ValueError(f"max_model_len must be an integer in [2, {context}] (the models' context), got {max_model_len!r}")
+        max_model_len = context if sched.max_model_len is None else sched.max_model_len
+        if not 2 <= max_model_len <= context:
+            raise ValueError(f"max_model_len must be an integer in [2, {context}] (the models' context), "
+                             f"got {max_model_len!r}")
         self.max_model_len = max_model_len
         self.tp: "TPGroup | None" = None
         self._close = None  # with tensor parallelism: stops the workers (a weakref.finalize)
         if tp_size > 1:
             for s, c in zip(sources, configs):
                 check_divisible(c, tp_size, str(s.config_file))
-            self.tp = executor.start(WorkerSpec(tuple(sources), self.dtype, self.device.type, max_model_len, seed,
-                                                kernels, tp_size, tp_timeout_s, torch.get_num_threads()))
+            self.tp = executor.start(WorkerSpec(config, tuple(sources), self.dtype, max_model_len,
+                                                torch.get_num_threads()))
             self._close = weakref.finalize(self, executor.shutdown, self.tp)
         try:
-            self._start(configs, sources, page_tokens, kv_cache_bytes, kv_cache_memory_fraction, max_num_seqs,
-                        max_num_batched_tokens, prefix_caching, cuda_graphs, coschedule, step_costs,
-                        gather_min_share, max_big_wait_steps, max_big_wait_s, progress)
+            self._start(configs, sources, cuda_graphs, progress)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, configs, sources, page_tokens, kv_cache_bytes, kv_cache_memory_fraction, max_num_seqs,
-               max_num_batched_tokens, prefix_caching, cuda_graphs, coschedule, step_costs, gather_min_share,
-               max_big_wait_steps, max_big_wait_s, progress) -> None:
+    def _start(self, configs, sources, cuda_graphs: bool, progress: bool) -> None:
         """Everything after the workers (if any) are started: models, pool, scheduler, runners, policy."""
         seed, max_model_len, big = self.seed, self.max_model_len, len(sources) > 1
+        cache, sched, cosched = self.config.cache, self.config.scheduler, self.config.coschedule
+        max_num_seqs, max_num_batched_tokens = sched.max_num_seqs, sched.max_num_batched_tokens
         self.models = [build_model(s, c, self.dtype, self.device, max_model_len, seed + i, progress, self.ops,
                                    self.tp) for i, (s, c) in enumerate(zip(sources, configs))]
-        self.pool = self._build_pool(configs, page_tokens, kv_cache_bytes, kv_cache_memory_fraction)
+        self.pool = self._build_pool(configs, cache.page_tokens, cache.kv_cache_bytes, cache.kv_cache_memory_fraction)
         logger.info("KV pool: %s", self.pool.describe())
         self.scheduler = _C.Scheduler(self.pool.num_pages, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                      [g.page_tokens for g in self.pool.geometries], prefix_caching=prefix_caching)
+                                      [g.page_tokens for g in self.pool.geometries],
+                                      prefix_caching=cache.prefix_caching)
         eos = {t for c in configs for t in c.eos_token_ids} | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.eos_token_ids = sorted(eos)
         # Ids past the tokenizer's entries (padding rows of the embedding) are never valid.
@@ -195,9 +156,12 @@ class Engine:
                                             graphs, link))
         self.stats = EngineStats(len(self.models), jit_counter=jit_compiles)
         self._warm_up(max_num_seqs, max_num_batched_tokens, progress)
-        self.policy, self.step_costs = self._choose_policy(coschedule, step_costs, max_num_seqs,
-                                                           max_num_batched_tokens, gather_min_share,
-                                                           max_big_wait_steps, max_big_wait_s)
+        step_costs = cosched.step_costs
+        if isinstance(step_costs, (str, Path)):
+            step_costs = StepCosts.load(step_costs)
+        self.policy, self.step_costs = self._choose_policy(cosched.coschedule, step_costs, max_num_seqs,
+                                                           max_num_batched_tokens, cosched.gather_min_share,
+                                                           cosched.max_big_wait_steps, cosched.max_big_wait_s)
         self.stats.policy = self.policy.describe()
         self.stats.jit_compiles_at_startup = jit_compiles()
         self._counts = self.scheduler.counts().reshape(len(self.models), _C.NUM_COUNT_FIELDS)
@@ -275,11 +239,7 @@ class Engine:
         if measured:
             if fraction is None:
                 fraction = 0.9 if self.device.type == "cuda" else 0.05
-            if not 0 < fraction <= 1:
-                raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction}")
             kv_cache_bytes = int(available_bytes(self.device) * fraction)
-        if not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         num_pages = kv_cache_bytes // page_bytes
         kv_heads = None
         if self.tp is not None:

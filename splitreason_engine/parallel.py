@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ModelConfig
+from .engine_config import EngineConfig
 
 
 SETUP = 3  # the set-up message: pages, page bytes, step-message size (all zero: stop)
@@ -160,15 +161,24 @@ class TPGroup:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs to build its shards of the models (picklable: it crosses the spawn)."""
+    """What a worker needs to build its shards of the models (picklable: it crosses the spawn): the
+    engine's config, and what rank 0 resolved from it and from the checkpoints."""
 
-    sources: tuple  # loader.ModelSource per model
+    config: "EngineConfig"
+    sources: tuple  # loader.ModelSource per model (the default model filled in)
     dtype: torch.dtype
-    device_type: str
     max_model_len: int
-    seed: int
-    kernels: str
-    world_size: int
-    timeout_s: float
     num_threads: int
-    port: int = 0  # the TCP store's, filled in by start()
+    port: int = 0  # the TCP store's, filled in by executor.start()
+
+    @property
+    def world_size(self) -> int:
+        return self.config.parallel.tensor_parallel_size
+
+    @property
+    def timeout_s(self) -> float:
+        return self.config.parallel.tp_timeout_s
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.config.model.device).type

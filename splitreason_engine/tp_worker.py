@@ -14,9 +14,9 @@ from .runner import HEADER, STOP, packed_layout, packed_views, run_forward
 def serve_worker(spec: WorkerSpec, group: TPGroup, device: torch.device) -> None:
     """A worker rank's life: its shards of the models, then rank 0's set-up message (pages, page
     bytes, message size) and its pool, then each step message's forward pass until STOP."""
-    ops = select_ops(spec.kernels, device)
+    ops = select_ops(spec.config.model.kernels, device)
     configs = [load_config(s) for s in spec.sources]
-    models = [build_model(s, c, spec.dtype, device, spec.max_model_len, spec.seed + i, False, ops, group)
+    models = [build_model(s, c, spec.dtype, device, spec.max_model_len, spec.config.model.seed + i, False, ops, group)
               for i, (s, c) in enumerate(zip(spec.sources, configs))]
     num_pages, page_bytes, capacity = group.receive_setup()
     if num_pages == 0:  # rank 0 gave up during start-up

@@ -78,3 +78,13 @@ def test_the_package_has_no_import_circles():
     found = circles(edges)
     assert not found, "import circles: " + "; ".join(
         " <-> ".join(g) + " (" + ", ".join(f"{m} -> {sorted(edges[m] & set(g))}" for m in g) + ")" for g in found)
+
+
+def test_the_options_table_in_the_docs_is_the_configs():
+    """docs/usage.md documents the engine's options with EngineConfig's own table (field, default,
+    CLI flag, help): edit the field, then paste options_table() between the markers."""
+    from splitreason_engine.engine_config import options_table
+
+    text = (PACKAGE.parent / "docs" / "usage.md").read_text()
+    between = text.split("<!-- options:start -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert between == options_table()
