@@ -2,8 +2,9 @@
 
 import logging
 
-from .engine import Engine, EngineBroken
+from .engine import Engine
 from .engine_config import EngineConfig
+from .step_loop import EngineBroken
 from .outputs import RequestMetrics, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 

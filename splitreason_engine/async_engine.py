@@ -24,7 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from .engine import Engine, Prompt
+from .engine import Engine
+from .intake import Prompt
 from .outputs import StreamEvent
 from .sampling import SamplingParams
 

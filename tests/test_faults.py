@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import splitreason_engine.engine as engine_module
+import splitreason_engine.step_loop as step_loop_module
 from split_models import PAGE_BYTES, mixed_requests, params_for
 from splitreason_engine import Engine, EngineBroken
-from splitreason_engine.engine import MAX_FAILED_STEPS
+from splitreason_engine.step_loop import MAX_FAILED_STEPS
 from splitreason_engine.protocol import SplitFlow
 from splitreason_engine.tokenizer import IncrementalDetokenizer
 
@@ -56,7 +57,7 @@ def check_isolated(engine, oracle, reqs, outs, victims: set[int], reason: str) -
 
 def test_non_finite_logits_fail_only_their_request(engine, oracle, monkeypatch):
     runner = engine.runners[0]
-    execute, victim = runner.execute, engine._next_id + 2
+    execute, victim = runner.execute, engine.intake.next_id + 2
 
     def poisoned(*args):
         logits = execute(*args)
@@ -74,7 +75,7 @@ def test_non_finite_logits_fail_only_their_request(engine, oracle, monkeypatch):
 
 
 def test_a_flow_that_raises_fails_only_its_request(engine, oracle, monkeypatch):
-    on_token, victim = SplitFlow.on_token, engine._next_id + 4
+    on_token, victim = SplitFlow.on_token, engine.intake.next_id + 4
 
     def broken(self, model, token, word, logprob, now):
         if self.req.id == victim and len(self.req.tokens) >= 5:
@@ -118,7 +119,7 @@ def test_a_failed_forward_pass_fails_its_batch_and_the_engine_goes_on(engine, or
             raise fault
         return execute(num_seqs, *args)
 
-    first = engine._next_id
+    first = engine.intake.next_id
     monkeypatch.setattr(runner, "execute", once)
     reqs, outs = run_mixed(engine, oracle)
     check_isolated(engine, oracle, reqs, outs, {rid - first for rid in batch}, str(fault))
@@ -129,7 +130,7 @@ def test_a_failed_forward_pass_fails_its_batch_and_the_engine_goes_on(engine, or
 
 
 def test_a_sampler_that_raises_fails_the_rows_it_was_sampling(engine, oracle, monkeypatch):
-    sample, calls, batch = engine_module.sample_and_detect, [0], []
+    sample, calls, batch = step_loop_module.sample_and_detect, [0], []
 
     def once(logits, params, *args):
         calls[0] += 1
@@ -138,7 +139,7 @@ def test_a_sampler_that_raises_fails_the_rows_it_was_sampling(engine, oracle, mo
             raise ValueError("injected sampler fault")
         return sample(logits, params, *args)
 
-    monkeypatch.setattr(engine_module, "sample_and_detect", once)
+    monkeypatch.setattr(step_loop_module, "sample_and_detect", once)
     reqs, outs = run_mixed(engine, oracle)
     failed = {i for i, out in enumerate(outs) if out.finish_reason == "error"}
     assert len(failed) >= batch[0] > 0  # the sampled rows fail, with any other row of that forward pass

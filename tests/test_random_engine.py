@@ -102,7 +102,7 @@ def test_random_workloads_with_faults_rollbacks_preemption_and_caching_match_the
             aborts.setdefault(f.when, []).append(f.target % len(reqs))
     # Request ids are handed out in order of add_request; the faults name requests by index.
     order = sorted(range(len(reqs)), key=lambda i: (w.arrivals[i], i))
-    rids = [engine._next_id + order.index(i) for i in range(len(reqs))]
+    rids = [engine.intake.next_id + order.index(i) for i in range(len(reqs))]
     inject(engine, w, rids, hit)
     step = 0
     while step <= max(w.arrivals) or engine.has_unfinished():

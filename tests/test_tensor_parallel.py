@@ -70,12 +70,12 @@ def test_llama_and_qwen3_match_one_process(tmp_path, engines, monkeypatch):
     """Llama with q/k/v, o and MLP biases and an untied (vocabulary-split) LM head beside a tied
     Qwen3 with q/k norms, greedy, ragged prompts given as token ids. The start-up warm-up (CUDA's,
     made to run here) sends its steps to the workers too: rank 0 alone would wait on its first all-reduce."""
-    import splitreason_engine.engine as engine_module
+    import splitreason_engine.startup as startup_module
 
     reports = []
-    warm_up = engine_module.warm_up_kernels
-    monkeypatch.setattr(engine_module, "should_warm_up", lambda ops, device: True)
-    monkeypatch.setattr(engine_module, "warm_up_kernels", lambda *a, **k: reports.append(warm_up(*a, **k)))
+    warm_up = startup_module.warm_up_kernels
+    monkeypatch.setattr(startup_module, "should_warm_up", lambda ops, device: True)
+    monkeypatch.setattr(startup_module, "warm_up_kernels", lambda *a, **k: reports.append(warm_up(*a, **k)))
     small = save_tiny(tmp_path / "llama", "llama", "gqa2-h80-bias", seed=3)
     big = save_tiny(tmp_path / "qwen3", "qwen3", "gqa2-hd32-tied", seed=4)
     prompts = [[(7 * i + 3 * j) % 160 for j in range(5 + 9 * i)] for i in range(4)]

@@ -1,0 +1,89 @@
+"""Request intake: a prompt and its SamplingParams checked, templated (split and random modes),
+turned into a Request with its protocol flow, and queued in the scheduler. Every refusal is a
+ValueError that names the problem, raised before anything is queued."""
+
+from typing import Union
+
+from .outputs import RequestMetrics
+from .protocol import PromptTemplate, RandomFlow, SingleFlow, SplitFlow
+from .requests import BIG, SMALL, FlowContext, Request
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, list[int]]
+
+
+class RequestIntake:
+    def __init__(self, flows: FlowContext, template: PromptTemplate, real_vocab: list[int], max_model_len: int,
+                 eos_token_ids: list[int], seed: int, clock):
+        self.flows, self.template, self.real_vocab = flows, template, real_vocab
+        self.max_model_len, self.eos_token_ids, self.seed, self.clock = max_model_len, eos_token_ids, seed, clock
+        self.tokenizer: "Tokenizer | None" = flows.tokenizer
+        self.scheduler, self.requests = flows.book.scheduler, flows.book.live
+        self.num_models = flows.num_models
+        self.next_id = 0
+
+
+    def _mode(self, params: SamplingParams) -> str:
+        mode = params.mode or ("split" if self.num_models > 1 else "small")
+        if mode != "small" and self.num_models < 2:
+            raise ValueError(f"mode {mode!r} needs a big model: Engine(small=..., big=...)")
+        return mode
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: pass the prompt as a list of token ids")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def _check_prompt(self, ids: list[int], vocab: int, what: str = "prompt") -> None:
+        if not ids:
+            raise ValueError(f"empty {what}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"{what} of {len(ids)} tokens is too long: this engine's context is "
+                             f"max_model_len={self.max_model_len} tokens, prompt plus at least one new token")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def add(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> int:
+        """Queues one prompt; raises ValueError naming the problem if it cannot be served.
+
+        In split and random modes the prompt is the question, a string, put into the template."""
+        params.validate()
+        mode = self._mode(params)
+        vocab = min(self.real_vocab)
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        rid = self.next_id
+        metrics = RequestMetrics(self.clock.now(), mode=mode)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
+        req = Request(rid, index, [], params, metrics, stop_ids)
+        if mode in ("small", "big"):
+            model = SMALL if mode == "small" else BIG
+            req.prompt = self._tokenize(prompt)
+            self._check_prompt(req.prompt, self.real_vocab[model])
+            req.flow = SingleFlow(self.flows, req, model)
+        else:
+            if not isinstance(prompt, str) or self.tokenizer is None:
+                raise ValueError(f"mode {mode!r} needs the question as a string (it is put into the prompt template)")
+            small_ids = self.tokenizer.encode(self.template.small(prompt), add_special_tokens=False)
+            big_ids = self.tokenizer.encode(self.template.big(prompt), add_special_tokens=False)
+            self._check_prompt(small_ids, vocab, "templated prompt")
+            self._check_prompt(big_ids, vocab, "templated prompt")
+            req.prompt = small_ids
+            if mode == "split":
+                req.flow = SplitFlow(self.flows, req, small_ids, big_ids)
+            else:
+                seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid
+                req.flow = RandomFlow(self.flows, req, small_ids, big_ids, seed)
+        metrics.num_prompt_tokens = len(req.prompt)
+        self.scheduler.add_request(rid, *req.flow.initial_views())
+        self.next_id += 1
+        self.requests[rid] = req
+        return rid
