@@ -1,4 +1,6 @@
-"""The package's shape: no import circles between its modules (kernels and models included).
+"""The package's shape: no import circles between its modules (kernels and models included),
+and nothing too long to hold in one's head: no function over 80 lines, no class over 400, no module
+over 400 lines of code (docstrings and comments aside). docs/usage.md's options are the config's.
 
 Every `import` / `from ... import` of a package module counts, at any depth of the file (a function's
 lazy import, an `if TYPE_CHECKING:` block): a circle hidden that way is still one a reader has to
@@ -78,6 +80,40 @@ def test_the_package_has_no_import_circles():
     found = circles(edges)
     assert not found, "import circles: " + "; ".join(
         " <-> ".join(g) + " (" + ", ".join(f"{m} -> {sorted(edges[m] & set(g))}" for m in g) + ")" for g in found)
+
+
+MAX_FUNCTION, MAX_CLASS, MAX_MODULE_CODE = 80, 400, 400
+
+
+def code_lines(source: str) -> int:
+    """Lines that are neither blank, comments nor docstrings."""
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            docstrings |= set(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(1 for i, line in enumerate(source.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and i not in docstrings)
+
+
+def test_code_lines_skip_docstrings_and_comments():
+    assert code_lines('"""doc\nmore"""\n# note\n\nx = 1\ndef f():\n    """doc"""\n    return x\n') == 3
+
+
+def test_no_function_class_or_module_is_too_long():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        if code_lines(source) > MAX_MODULE_CODE:
+            too_long.append(f"{module_name(path)}: {code_lines(source)} lines of code")
+        for node in ast.walk(ast.parse(source)):
+            limit = (MAX_FUNCTION if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     else MAX_CLASS if isinstance(node, ast.ClassDef) else None)
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "over the limits: " + "; ".join(too_long)
 
 
 def test_the_options_table_in_the_docs_is_the_configs():

@@ -219,6 +219,143 @@ _STEP_ARGS = ["temp_ptr", "top_k_ptr", "top_p_ptr", "keys_ptr", "real_vocab", "d
               "flags_stride", "stop_ptr", "stop_stride", "num_stops", "phase", "chunk", "num_chunks"]
 
 
+@triton.jit
+def _statistics_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
+        BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PW: tl.constexpr, CB: tl.constexpr, STOPS: tl.constexpr):
+    """Phase 0: each chunk's max, softmax sum, argmax, smallest key, non-finite flag (and the race of plain rows); the last chunk merges them, finishes greedy and plain rows and starts the others' searches."""
+    m_lane = tl.full([BLOCK], NEG_INF, tl.float32)
+    s_lane = tl.zeros([BLOCK], tl.float32)
+    arg_lane = start0 + lanes
+    kmin_lane = tl.full([BLOCK], INT32_MAX, tl.int32)
+    bad_lane = tl.zeros([BLOCK], tl.int32)
+    race_lane = tl.full([BLOCK], NEG_INF, tl.float32)
+    race_arg = start0 + lanes
+    for start in range(start0, end, BLOCK):
+        offs = start + lanes
+        valid = offs < end
+        x = _load(row, offs, valid, row_len)
+        bad_lane = bad_lane | (valid & ((x != x) | (tl.abs(x) == POS_INF))).to(tl.int32)
+        arg_lane = tl.where(x > m_lane, offs, arg_lane)
+        new_m = tl.maximum(m_lane, x)
+        shift = tl.where(new_m == NEG_INF, 0.0, new_m)
+        s_lane = s_lane * tl.exp(m_lane - shift) + tl.exp(x - shift)
+        m_lane = new_m
+        kmin_lane = tl.minimum(kmin_lane, tl.where(valid, _key(x), INT32_MAX))
+        if plain:
+            score = tl.where(valid, _race_scores(x, offs, inv_t, key_lo, key_hi), NEG_INF)
+            race_lane, race_arg = _race_update(score, offs, race_lane, race_arg)
+    mc = tl.max(m_lane, axis=0)
+    tl.store(pf, mc)
+    tl.store(pf + 1, tl.sum(s_lane * tl.exp(m_lane - tl.where(mc == NEG_INF, 0.0, mc)), axis=0))
+    tl.store(pi, _first_max(m_lane, arg_lane))
+    tl.store(pi + 1, tl.min(kmin_lane, axis=0))
+    tl.store(pi + 2, tl.max(bad_lane, axis=0))
+    if plain:
+        tl.store(pf + 2, tl.max(race_lane, axis=0))
+        tl.store(pi + 3, _first_max(race_lane, race_arg))
+    if _last(count_ptr + r, num_chunks):
+        m, arg, kmin, bad = _merge_max(pf_row, pi_row, num_chunks, PW, CB)
+        s = _merge_sum(pf_row, num_chunks, m, PW, CB)
+        if use_k | use_p:
+            tl.store(rf, m)
+            tl.store(rf + 1, s)
+            tl.store(rf + 2, k.to(tl.float32))
+            tl.store(ri, tl.where(use_k, M_TOPK, M_TOPP_START))
+            tl.store(ri + 1, kmin)
+            tl.store(ri + 2, _key(m))
+            tl.store(ri + 3, bad)
+        else:
+            tok = arg
+            if plain:
+                tok = _merge_race(pf_row, pi_row, num_chunks, PW, CB, 2)
+            tl.store(ri, M_DONE)
+            _finish(r, tok, real_vocab, row, m, s, bad, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride,
+                    closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr, STOPS)
+
+
+@triton.jit
+def _search_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
+        BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PW: tl.constexpr, CB: tl.constexpr, STOPS: tl.constexpr):
+    """Phase 1, once per search pass: each chunk's kept weight at every pivot; the last chunk narrows the row's threshold interval."""
+    mode = tl.load(ri)
+    lo = tl.load(ri + 1)
+    hi = tl.load(ri + 2)
+    if (mode != M_DONE) & (mode != M_RACE) & (lo < hi):
+        m = tl.load(rf)
+        mass = mode != M_TOPK
+        lo64 = lo.to(tl.int64)
+        step = (tl.arange(0, PIVOTS) + 1).to(tl.int64)
+        pivots = (lo64 + ((hi.to(tl.int64) - lo64) * step + (PIVOTS - 1)) // PIVOTS).to(tl.int32)
+        slanes = tl.arange(0, SEARCH_BLOCK)
+        acc = tl.zeros([SEARCH_BLOCK, PIVOTS], tl.float32)  # reduced once per program
+        tot = tl.zeros([SEARCH_BLOCK], tl.float32)
+        for start in range(start0, end, SEARCH_BLOCK):
+            offs = start + slanes
+            valid = offs < end
+            x = _load(row, offs, valid, row_len)
+            kx = _key(x)
+            keep = valid & (kx >= lo)
+            if mass:
+                w = tl.where(keep, tl.exp((x - m) * inv_t), 0.0)
+            else:
+                w = tl.where(keep, 1.0, 0.0)
+            acc += tl.where(kx[:, None] >= pivots[None, :], w[:, None], 0.0)
+            tot += w
+        tl.store(pf + tl.arange(0, PIVOTS), tl.sum(acc, axis=0))
+        tl.store(pf + PIVOTS, tl.sum(tot, axis=0))
+        if _last(count_ptr + r, num_chunks):
+            weights = tl.zeros([PIVOTS], tl.float32)
+            total = 0.0
+            for c0 in range(0, num_chunks, CB):
+                cs = c0 + tl.arange(0, CB)
+                ok = cs < num_chunks
+                part = tl.load(pf_row + cs[:, None] * PW + tl.arange(0, PIVOTS)[None, :], mask=ok[:, None],
+                               other=0.0, cache_modifier=".cg")
+                weights += tl.sum(part, axis=0)
+                total += tl.sum(tl.load(pf_row + cs * PW + PIVOTS, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            target = tl.load(rf + 2)
+            if mode == M_TOPP_START:  # top_p of the mass of the logits >= lo (the top-k set)
+                target = p * total
+                mode = mode * 0 + M_TOPP
+            ok = weights >= target
+            lo = tl.max(tl.where(ok, pivots, lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, pivots - 1), axis=0)
+            if lo >= hi:
+                if (mode == M_TOPK) & use_p:
+                    mode = mode * 0 + M_TOPP_START
+                    hi = _key(tl.load(rf))
+                if lo >= hi:
+                    mode = mode * 0 + M_RACE
+            tl.store(rf + 2, target)
+            tl.store(ri, mode)
+            tl.store(ri + 1, lo)
+            tl.store(ri + 2, hi)
+
+
+@triton.jit
+def _race_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
+        BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PW: tl.constexpr, CB: tl.constexpr, STOPS: tl.constexpr):
+    """Phase 2: the Gumbel race over each chunk's logits at or above the row's threshold; the last chunk merges it and finishes the row."""
+    mode = tl.load(ri)
+    if mode != M_DONE:
+        floor = _value(tl.load(ri + 1))
+        best = tl.full([BLOCK], NEG_INF, tl.float32)
+        arg = start0 + lanes
+        for start in range(start0, end, BLOCK):
+            offs = start + lanes
+            valid = offs < end
+            x = _load(row, offs, valid, row_len)
+            score = tl.where(valid & (x >= floor), _race_scores(x, offs, inv_t, key_lo, key_hi), NEG_INF)
+            best, arg = _race_update(score, offs, best, arg)
+        tl.store(pf + 2, tl.max(best, axis=0))
+        tl.store(pi + 3, _first_max(best, arg))
+        if _last(count_ptr + r, num_chunks):
+            tok = _merge_race(pf_row, pi_row, num_chunks, PW, CB, 2)
+            _finish(r, tok, real_vocab, row, tl.load(rf), tl.load(rf + 1), tl.load(ri + 3), det_ptr, next_ptr, next_stride,
+                    flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr,
+                    lp_ptr, STOPS)
+
+
 @triton.jit(do_not_specialize=_STEP_ARGS)
 def _sample_detect_kernel(logits_ptr, row_stride, row_len, temp_ptr, top_k_ptr, top_p_ptr, keys_ptr, real_vocab,
                           det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr,
@@ -251,127 +388,14 @@ def _sample_detect_kernel(logits_ptr, row_stride, row_len, temp_ptr, top_k_ptr, 
     lanes = tl.arange(0, BLOCK)
 
     if phase == 0:
-        m_lane = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_lane = tl.zeros([BLOCK], tl.float32)
-        arg_lane = start0 + lanes
-        kmin_lane = tl.full([BLOCK], INT32_MAX, tl.int32)
-        bad_lane = tl.zeros([BLOCK], tl.int32)
-        race_lane = tl.full([BLOCK], NEG_INF, tl.float32)
-        race_arg = start0 + lanes
-        for start in range(start0, end, BLOCK):
-            offs = start + lanes
-            valid = offs < end
-            x = _load(row, offs, valid, row_len)
-            bad_lane = bad_lane | (valid & ((x != x) | (tl.abs(x) == POS_INF))).to(tl.int32)
-            arg_lane = tl.where(x > m_lane, offs, arg_lane)
-            new_m = tl.maximum(m_lane, x)
-            shift = tl.where(new_m == NEG_INF, 0.0, new_m)
-            s_lane = s_lane * tl.exp(m_lane - shift) + tl.exp(x - shift)
-            m_lane = new_m
-            kmin_lane = tl.minimum(kmin_lane, tl.where(valid, _key(x), INT32_MAX))
-            if plain:
-                score = tl.where(valid, _race_scores(x, offs, inv_t, key_lo, key_hi), NEG_INF)
-                race_lane, race_arg = _race_update(score, offs, race_lane, race_arg)
-        mc = tl.max(m_lane, axis=0)
-        tl.store(pf, mc)
-        tl.store(pf + 1, tl.sum(s_lane * tl.exp(m_lane - tl.where(mc == NEG_INF, 0.0, mc)), axis=0))
-        tl.store(pi, _first_max(m_lane, arg_lane))
-        tl.store(pi + 1, tl.min(kmin_lane, axis=0))
-        tl.store(pi + 2, tl.max(bad_lane, axis=0))
-        if plain:
-            tl.store(pf + 2, tl.max(race_lane, axis=0))
-            tl.store(pi + 3, _first_max(race_lane, race_arg))
-        if _last(count_ptr + r, num_chunks):
-            m, arg, kmin, bad = _merge_max(pf_row, pi_row, num_chunks, PW, CB)
-            s = _merge_sum(pf_row, num_chunks, m, PW, CB)
-            if use_k | use_p:
-                tl.store(rf, m)
-                tl.store(rf + 1, s)
-                tl.store(rf + 2, k.to(tl.float32))
-                tl.store(ri, tl.where(use_k, M_TOPK, M_TOPP_START))
-                tl.store(ri + 1, kmin)
-                tl.store(ri + 2, _key(m))
-                tl.store(ri + 3, bad)
-            else:
-                tok = arg
-                if plain:
-                    tok = _merge_race(pf_row, pi_row, num_chunks, PW, CB, 2)
-                tl.store(ri, M_DONE)
-                _finish(r, tok, real_vocab, row, m, s, bad, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride,
-                        closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr, STOPS)
+        _statistics_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
+                          BLOCK, SEARCH_BLOCK, PIVOTS, PW, CB, STOPS)
     elif phase == 1:
-        mode = tl.load(ri)
-        lo = tl.load(ri + 1)
-        hi = tl.load(ri + 2)
-        if (mode != M_DONE) & (mode != M_RACE) & (lo < hi):
-            m = tl.load(rf)
-            mass = mode != M_TOPK
-            lo64 = lo.to(tl.int64)
-            step = (tl.arange(0, PIVOTS) + 1).to(tl.int64)
-            pivots = (lo64 + ((hi.to(tl.int64) - lo64) * step + (PIVOTS - 1)) // PIVOTS).to(tl.int32)
-            slanes = tl.arange(0, SEARCH_BLOCK)
-            acc = tl.zeros([SEARCH_BLOCK, PIVOTS], tl.float32)  # reduced once per program
-            tot = tl.zeros([SEARCH_BLOCK], tl.float32)
-            for start in range(start0, end, SEARCH_BLOCK):
-                offs = start + slanes
-                valid = offs < end
-                x = _load(row, offs, valid, row_len)
-                kx = _key(x)
-                keep = valid & (kx >= lo)
-                if mass:
-                    w = tl.where(keep, tl.exp((x - m) * inv_t), 0.0)
-                else:
-                    w = tl.where(keep, 1.0, 0.0)
-                acc += tl.where(kx[:, None] >= pivots[None, :], w[:, None], 0.0)
-                tot += w
-            tl.store(pf + tl.arange(0, PIVOTS), tl.sum(acc, axis=0))
-            tl.store(pf + PIVOTS, tl.sum(tot, axis=0))
-            if _last(count_ptr + r, num_chunks):
-                weights = tl.zeros([PIVOTS], tl.float32)
-                total = 0.0
-                for c0 in range(0, num_chunks, CB):
-                    cs = c0 + tl.arange(0, CB)
-                    ok = cs < num_chunks
-                    part = tl.load(pf_row + cs[:, None] * PW + tl.arange(0, PIVOTS)[None, :], mask=ok[:, None],
-                                   other=0.0, cache_modifier=".cg")
-                    weights += tl.sum(part, axis=0)
-                    total += tl.sum(tl.load(pf_row + cs * PW + PIVOTS, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                target = tl.load(rf + 2)
-                if mode == M_TOPP_START:  # top_p of the mass of the logits >= lo (the top-k set)
-                    target = p * total
-                    mode = mode * 0 + M_TOPP
-                ok = weights >= target
-                lo = tl.max(tl.where(ok, pivots, lo), axis=0)
-                hi = tl.min(tl.where(ok, hi, pivots - 1), axis=0)
-                if lo >= hi:
-                    if (mode == M_TOPK) & use_p:
-                        mode = mode * 0 + M_TOPP_START
-                        hi = _key(tl.load(rf))
-                    if lo >= hi:
-                        mode = mode * 0 + M_RACE
-                tl.store(rf + 2, target)
-                tl.store(ri, mode)
-                tl.store(ri + 1, lo)
-                tl.store(ri + 2, hi)
+        _search_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
+                      BLOCK, SEARCH_BLOCK, PIVOTS, PW, CB, STOPS)
     else:
-        mode = tl.load(ri)
-        if mode != M_DONE:
-            floor = _value(tl.load(ri + 1))
-            best = tl.full([BLOCK], NEG_INF, tl.float32)
-            arg = start0 + lanes
-            for start in range(start0, end, BLOCK):
-                offs = start + lanes
-                valid = offs < end
-                x = _load(row, offs, valid, row_len)
-                score = tl.where(valid & (x >= floor), _race_scores(x, offs, inv_t, key_lo, key_hi), NEG_INF)
-                best, arg = _race_update(score, offs, best, arg)
-            tl.store(pf + 2, tl.max(best, axis=0))
-            tl.store(pi + 3, _first_max(best, arg))
-            if _last(count_ptr + r, num_chunks):
-                tok = _merge_race(pf_row, pi_row, num_chunks, PW, CB, 2)
-                _finish(r, tok, real_vocab, row, tl.load(rf), tl.load(rf + 1), tl.load(ri + 3), det_ptr, next_ptr, next_stride,
-                        flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr,
-                        lp_ptr, STOPS)
+        _race_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
+                    BLOCK, SEARCH_BLOCK, PIVOTS, PW, CB, STOPS)
 
 
 def search_passes(pivots: int) -> int:
