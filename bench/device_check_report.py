@@ -15,9 +15,6 @@ import time
 from pathlib import Path
 
 SKIPPED = 200  # device_check.sh's exit status for a step it did not run (compute-sanitizer missing)
-# Issue 12, on the H200 (bench/split_batch.py's figures under its headline policy).
-SPLIT_TARGETS = (("split / big-only, batch 16", "speedup_b16", 2.0), ("split / big-only, batch 64", "speedup_b64", 1.8),
-                 ("split / big-only, batch 1", "speedup_b1", 4.5))
 
 
 def load(path: str):
@@ -47,38 +44,6 @@ def read_steps(path: str) -> list[dict]:
     return steps
 
 
-def split_targets(split: "dict | None", smoke: bool) -> list[dict]:
-    """Issue 12's targets from split_batch.py's JSON: the ratios, batch 1's efficiency, p50 latency
-    against big-only at each batch, no JIT compile after start-up."""
-    if not split:
-        return []
-    out = _split_targets(split)
-    for t in out:
-        if smoke or t["value"] is None:
-            t["note"] = "smoke run: not a measurement" if smoke else "not measured in this run"
-    return out
-
-
-def _split_targets(split: dict) -> list[dict]:
-    out = [{"name": name, "value": split.get(key), "unit": "x", "target": f">= {goal}x",
-            "meets": split.get(key) is not None and split[key] >= goal} for name, key, goal in SPLIT_TARGETS]
-    policy, rows = split.get("headline_policy"), split.get("rows", [])
-    b1 = next((r for r in rows if (r["mode"], r["batch"], r["policy"]) == ("random", 1, policy)), None)
-    if b1 and b1.get("efficiency") is not None:
-        out.append({"name": "batch 1 efficiency (of n_s t_s + n_b t_b)", "value": b1["efficiency"], "unit": "x",
-                    "target": ">= 0.95", "meets": b1["efficiency"] >= 0.95})
-    for batch in split.get("config", {}).get("batches", []):
-        mine = next((r for r in rows if (r["mode"], r["batch"], r["policy"]) == ("random", batch, policy)), None)
-        big = next((r for r in rows if (r["mode"], r["batch"]) == ("big", batch)), None)
-        if mine and big:
-            ratio = mine["latency_p50_s"] / big["latency_p50_s"]
-            out.append({"name": f"p50 latency / big-only's, batch {batch}", "value": ratio, "unit": "x",
-                        "target": "<= 1.0", "meets": ratio <= 1.0})
-    jit = split.get("jit_compiles_after_startup")
-    out.append({"name": "JIT compiles after start-up", "value": jit, "unit": "count", "target": "0", "meets": jit == 0})
-    return out
-
-
 def merge(env: dict) -> dict:
     kernels, decode, split = load(env["DC_KERNELS"]), load(env["DC_DECODE"]), load(env["DC_SPLIT"])
     info = kernels or decode or {}
@@ -93,8 +58,7 @@ def merge(env: dict) -> dict:
                                                               stress or "")}},
         "sanitizers": {tool: pytest_summary(f"{env['DC_LOGS']}/{tool}.log") for tool in ("memcheck", "initcheck")},
         "gpu_decode": decode, "split_batch": split, "gpu_kernels": kernels, "tune_kernels": load(env["DC_TUNE"]),
-        "targets": (decode or {}).get("targets", []) + (kernels or {}).get("targets", [])
-        + split_targets(split, env["DC_SMOKE"] == "1"),
+        "targets": [t for bench in (decode, kernels, split) for t in (bench or {}).get("targets", [])],
     }
 
 

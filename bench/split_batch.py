@@ -44,6 +44,7 @@ from splitreason_engine.step_costs import SimulatedClock, StepCosts  # noqa: E40
 QUESTIONS = ["Question %d: what is the sum of the first %d odd numbers? Show the steps." % (i, i + 3)
              for i in range(256)]
 MODES = ("small", "big", "random", "split")
+# Issue 12's targets on the H200 (split / big-only tok/s under the headline policy).
 TARGETS = {"speedup_b16": 2.0, "speedup_b64": 1.8, "speedup_b1": 4.5}
 
 
@@ -226,6 +227,34 @@ def add_ratios(result: dict, args) -> None:
             row = next((x for x in result["rows"] if (x["mode"], x["batch"], x["policy"]) == (mode, batch, policy)), None)
             result[key % batch] = row["speedup_over_big"] if row else None
     result["headline_policy"] = policy
+    result["targets"] = targets(result, args)
+
+
+def targets(result: dict, args) -> list[dict]:
+    """Issue 12's targets, in the shape every GPU bench reports them (device_check.sh's table): the
+    ratios, batch 1's efficiency, p50 latency against big-only at each batch, no JIT compile after
+    start-up. Only a GPU run measures them."""
+    policy, rows = result["headline_policy"], result["rows"]
+    note = None if args.device == "cuda" and not result["simulated"] else "not a GPU run: not a measurement"
+    out = [dict(name=f"split / big-only, batch {key.removeprefix('speedup_b')}", value=result.get(key), unit="x",
+                target=f">= {goal}x", meets=result.get(key) is not None and result[key] >= goal)
+           for key, goal in TARGETS.items()]
+    b1 = next((r for r in rows if (r["mode"], r["batch"], r["policy"]) == ("random", 1, policy)), None)
+    if b1 and b1.get("efficiency") is not None:
+        out.append(dict(name="batch 1 efficiency (of n_s t_s + n_b t_b)", value=b1["efficiency"], unit="x",
+                        target=">= 0.95", meets=b1["efficiency"] >= 0.95))
+    for batch in args.batches:
+        mine = next((r for r in rows if (r["mode"], r["batch"], r["policy"]) == ("random", batch, policy)), None)
+        big = next((r for r in rows if (r["mode"], r["batch"]) == ("big", batch)), None)
+        if mine and big:
+            ratio = mine["latency_p50_s"] / big["latency_p50_s"]
+            out.append(dict(name=f"p50 latency / big-only's, batch {batch}", value=ratio, unit="x", target="<= 1.0",
+                            meets=ratio <= 1.0))
+    jit = result.get("jit_compiles_after_startup")
+    out.append(dict(name="JIT compiles after start-up", value=jit, unit="count", target="0", meets=jit == 0))
+    for t in out:
+        t["note"] = note or (None if t["value"] is not None else "not measured in this run")
+    return out
 
 
 def plot(result: dict, path: str) -> None:

@@ -46,7 +46,6 @@ class StepLoop:
         self.broken: "EngineBroken | None" = None  # set once the engine has given up
         self.failed_runs = [0] * len(runners)  # failed forward passes in a row, per model
 
-
     @torch.inference_mode()
     def step(self) -> int:
         """One engine step over every queued request, whoever submitted it; returns how many
