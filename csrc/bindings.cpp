@@ -151,6 +151,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_last_token", &Scheduler::set_last_token, py::arg("id"), py::arg("model"), py::arg("token"))
       .def("truncate", &Scheduler::truncate, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
       .def("set_run", &Scheduler::set_run, py::arg("id"), py::arg("model"), py::arg("run"))
+      .def("set_sample_tail", &Scheduler::set_sample_tail, py::arg("id"), py::arg("model"), py::arg("num_tokens"))
       .def("finish", &Scheduler::finish, py::arg("id"), py::arg("cache") = true,
            "Ends a request; cache=False keeps the pages its last step computed out of the prefix cache")
       .def("buffers",

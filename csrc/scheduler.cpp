@@ -72,9 +72,9 @@ Scheduler::Scheduler(const SchedulerConfig& config)
     b.query_start_loc.assign(static_cast<size_t>(seqs) + 1, 0);
     b.seq_lens.assign(seqs, 0);
     b.block_tables.assign(static_cast<size_t>(seqs) * width, 0);
-    b.logits_indices.assign(seqs, 0);
+    b.logits_indices.assign(std::max(seqs, tokens), 0);
     b.seq_request_ids.assign(seqs, -1);
-    b.sample_request_ids.assign(seqs, -1);
+    b.sample_request_ids.assign(std::max(seqs, tokens), -1);
     buffers_.push_back(std::move(b));
   }
   // One request with every view at max_model_len must fit alone, or preemption could stall.
@@ -233,8 +233,8 @@ void Scheduler::attach_cached(View& view, int32_t model) {
   if (!config_.prefix_caching || view.num_computed % page_tokens != 0 || view.pages.size() != full ||
       view.page_hashes.size() != full)
     return;
-  // One token at least stays to compute: its logits are what the step is for.
-  while (view.num_computed + page_tokens < static_cast<int32_t>(view.tokens.size())) {
+  // The sampled tail stays to compute: its logits are what the step is for.
+  while (view.num_computed + page_tokens <= static_cast<int32_t>(view.tokens.size()) - view.sample_tail) {
     const uint64_t hash = next_page_key(view, page_tokens, model);
     const int32_t page = allocator_.lookup(hash);
     if (page < 0) break;
@@ -249,6 +249,14 @@ void Scheduler::attach_cached(View& view, int32_t model) {
 void Scheduler::set_run(int64_t id, int32_t model, int32_t run) {
   check_run(run, "set_run");
   view_of(id, model).run = static_cast<Run>(run);
+}
+
+void Scheduler::set_sample_tail(int64_t id, int32_t model, int32_t num_tokens) {
+  View& view = view_of(id, model);
+  if (num_tokens < 1 || num_tokens > config_.max_num_batched_tokens)
+    throw std::invalid_argument("set_sample_tail: " + std::to_string(num_tokens) + " is not within 1.." +
+                                std::to_string(config_.max_num_batched_tokens) + " (the token budget)");
+  view.sample_tail = num_tokens;
 }
 
 bool Scheduler::reserve_pages(View& view, int32_t model, int32_t num_tokens) {
@@ -314,13 +322,16 @@ bool Scheduler::plan_foreground(Request* r, bool may_evict) {
     View& view = r->views[m];
     if (view.run != Run::kForeground || held(m)) continue;
     attach_cached(view, m);
-    const int32_t pending = static_cast<int32_t>(view.tokens.size()) - view.num_computed;
-    const int32_t count = std::min(pending, budget_[m]);
-    if (count == 0) continue;
+    const int32_t size = static_cast<int32_t>(view.tokens.size());
+    const int32_t pending = size - view.num_computed;
+    int32_t count = std::min(pending, budget_[m]);
+    // A chunk that stops short of the end stops before the sampled tail: the tail runs whole.
+    if (count < pending) count = std::min(count, size - view.sample_tail - view.num_computed);
+    if (count <= 0) continue;
     while (!reserve_pages(view, m, view.num_computed + count)) {
       if (!may_evict || !make_room(r)) return false;
     }
-    plan(r, m, count, view.num_computed + count == static_cast<int32_t>(view.tokens.size()));
+    plan(r, m, count, view.num_computed + count == size);
   }
   return true;
 }
@@ -413,11 +424,12 @@ void Scheduler::fill(int32_t model, std::vector<Entry>& plan) {
     const int32_t used = ceil_div(seq_len, page_tokens);
     std::memcpy(row, pages, sizeof(int32_t) * used);
     std::fill(row + used, row + width, 0);
-    if (e.sample) {
-      b.logits_indices[num_samples] = num_tokens - 1;
-      b.sample_request_ids[num_samples] = e.request->id;
-      ++num_samples;
-    }
+    if (e.sample)
+      for (int32_t t = std::max(0, e.count - view.sample_tail); t < e.count; ++t) {
+        b.logits_indices[num_samples] = num_tokens - e.count + t;
+        b.sample_request_ids[num_samples] = e.request->id;
+        ++num_samples;
+      }
   }
   b.query_start_loc[plan.size()] = num_tokens;
   int32_t* counts = &counts_[model * kNumCountFields];

@@ -47,6 +47,9 @@ struct View {
   // whose KV came from the cache instead of the model (counted again after a preemption).
   std::vector<uint64_t> page_hashes;
   int64_t num_cached = 0;
+  // Tokens at the end of the view whose logits are sampled (1; more when the last tokens are
+  // drafts the model verifies). The planner computes them in one chunk, and never from the cache.
+  int32_t sample_tail = 1;
 };
 
 struct Request {
@@ -61,9 +64,9 @@ struct BatchBuffers {
   std::vector<int32_t> query_start_loc;                     // [max_num_seqs + 1]
   std::vector<int32_t> seq_lens;                            // [max_num_seqs], context after this step
   std::vector<int32_t> block_tables;                        // [max_num_seqs, max_pages_per_seq]
-  std::vector<int32_t> logits_indices;                      // [max_num_seqs], token rows to sample
+  std::vector<int32_t> logits_indices;                      // [max_num_batched_tokens], token rows to sample
   std::vector<int64_t> seq_request_ids;                     // [max_num_seqs]
-  std::vector<int64_t> sample_request_ids;                  // [max_num_seqs]
+  std::vector<int64_t> sample_request_ids;                  // [max_num_batched_tokens], one per sampled row
 };
 
 // Layout of the per-model counts row written by schedule().
@@ -112,6 +115,9 @@ class Scheduler {
   // Rollback: keeps the first `num_tokens` tokens of a view and frees KV pages past them.
   void truncate(int64_t id, int32_t model, int32_t num_tokens);
   void set_run(int64_t id, int32_t model, int32_t run);
+  // How many of the view's last tokens are sampled when it is next computed (>= 1): a verify step
+  // samples the last committed token and every draft after it.
+  void set_sample_tail(int64_t id, int32_t model, int32_t num_tokens);
   // Ends a request (finished, stopped, aborted); frees its pages, which stay in the prefix cache
   // unless `cache` is false: a request that failed takes its pages out (its last step may not have
   // computed them). False if unknown.

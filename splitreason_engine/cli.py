@@ -190,6 +190,10 @@ def print_stats(engine: Engine, output) -> None:
              if m.handoff_latencies else "-"),
             ("latency per offloaded token (ms)", f"{1e3 * m.latency_per_offloaded_token:.2f}"
              if m.latency_per_offloaded_token else "-"),
+            ("drafts kept / verified", f"{m.accepted_draft_tokens} / {m.draft_tokens}"
+             + (f" ({m.acceptance_rate:.2f})" if m.draft_tokens else "")),
+            ("big steps per offloaded token", f"{m.big_steps_per_offloaded_token:.2f}"
+             if m.big_steps_per_offloaded_token is not None else "-"),
             ("peak KV pages small / big", " / ".join(map(str, m.peak_pages[:len(engine.models)]))),
             ("engine: preemptions / big views dropped", f"{engine.scheduler.num_preemptions} / "
                                                         f"{engine.scheduler.num_view_drops}")]

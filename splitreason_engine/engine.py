@@ -27,7 +27,7 @@ from .outputs import RequestOutput, StreamEvent
 from .parallel import TPGroup, WorkerSpec, check_divisible
 from .requests import FlowContext, Request, RequestBook
 from .runner import ModelRunner, StepLink, message_capacity
-from .sampling import DetectTables, SamplingParams
+from .sampling import MAX_SPECULATE, DetectTables, SamplingParams
 from .stats import EngineStats
 from .step_loop import EngineBroken, StepLoop
 from .step_costs import StepCosts, WallClock
@@ -153,7 +153,8 @@ class Engine:
         self.loop = StepLoop(self.scheduler, self.runners, self.book, self.stats, self.clock, policy,
                              self.ops.sample_and_detect, self.detect_tables, self.real_vocab, seed, self.device,
                              max_model_len, self.overlap)
-        flows = FlowContext(self.book, self.tokenizer, self.tags, self.detector, self.catch_up, len(self.models))
+        flows = FlowContext(self.book, self.tokenizer, self.tags, self.detector, self.catch_up, len(self.models),
+                            self.config.protocol.speculate, self.step_costs, min(MAX_SPECULATE, max_num_batched_tokens - 1))
         self.intake = RequestIntake(flows, self.template, self.real_vocab, max_model_len, self.eos_token_ids, seed,
                                     self.clock)
 

@@ -19,6 +19,7 @@ from .config import parse_dtype
 from .coschedule import POLICIES
 from .kernels.ops import KERNEL_CHOICES
 from .protocol import CATCH_UP_POLICIES, PromptTemplate
+from .sampling import MAX_SPECULATE
 from .step_costs import StepCosts
 from .tags import Tags
 
@@ -162,9 +163,17 @@ class ProtocolOptions:
     tags: Tags = option(Tags(), "the tag spellings (open <bigmodel>, close </bigmodel> or <\\bigmodel>)", cli=False)
     catch_up: str = option("lazy", "when the big model reads the small model's text: at each handoff (lazy) or in "
                            "the background with spare batch budget (eager)", choices=CATCH_UP_POLICIES)
+    speculate: "int | str" = option(
+        0, "drafting in big segments and in big mode: the most tokens the small model drafts for one big step to "
+        f"verify (0 off, up to {MAX_SPECULATE}), or 'auto' (per request, from its acceptance and the step costs); "
+        "requests may set their own (SamplingParams.speculate)", type=lambda v: v if v == "auto" else int(v),
+        metavar="auto|K")
 
     def __post_init__(self):
         _one_of("catch_up", self.catch_up, CATCH_UP_POLICIES)
+        if self.speculate != "auto" and not (isinstance(self.speculate, int) and not isinstance(self.speculate, bool)
+                                             and 0 <= self.speculate <= MAX_SPECULATE):
+            raise ValueError(f"speculate must be 'auto' or an integer in 0..{MAX_SPECULATE}, got {self.speculate!r}")
 
 
 PARTS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
@@ -192,6 +201,9 @@ class EngineConfig:
                              f"got {self.model.device!r}")
         if sched.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs device='cuda', got device={self.model.device!r}")
+        if self.protocol.speculate != 0 and self.model.big is None:
+            raise ValueError(f"speculate={self.protocol.speculate!r} needs two models: the small one drafts, the big "
+                             "one verifies (pass big=...)")
         if sched.cuda_graphs and self.model.kernels == "torch":
             raise ValueError("cuda_graphs=True needs the Triton kernels (the PyTorch reference ops sync with the host)")
 

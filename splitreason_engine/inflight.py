@@ -58,6 +58,9 @@ class Batch:
     # After the previous step is applied, such a row is kept only if its view still ends there.
     planned_sizes: dict[int, int] = field(default_factory=dict)  # row -> view size
     valid: "list[bool] | None" = None  # per row, once checked (None: every row)
+    draft_probs: dict = field(default_factory=dict)  # row -> the small model's q of a sampled draft
+    # Requests whose rows verified drafts (speculation.py), their groups, and the results.
+    verified: "tuple[list[Request], list, object] | None" = None
 
 
 @dataclass

@@ -4,10 +4,12 @@ ValueError that names the problem, raised before anything is queued."""
 
 from typing import Union
 
+from .drafting import DraftingBigFlow, DraftingSplitFlow
 from .outputs import RequestMetrics
 from .protocol import PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, SMALL, FlowContext, Request
 from .sampling import SamplingParams
+from .speculation import DraftTuner
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, list[int]]
@@ -23,6 +25,17 @@ class RequestIntake:
         self.num_models = flows.num_models
         self.next_id = 0
 
+
+    def _tuner(self, params: SamplingParams, mode: str) -> "DraftTuner | None":
+        """The request's drafting (SamplingParams.speculate, else the engine's), or None: no drafts.
+        Only big segments and big mode draft; random mode's big chunks do not."""
+        speculate = self.flows.speculate if params.speculate is None else params.speculate
+        if speculate != 0 and self.num_models < 2:
+            raise ValueError(f"speculate={speculate} needs a big model to verify and a small one to draft; this engine "
+                             "has one model")
+        if speculate == 0 or mode not in ("split", "big"):
+            return None
+        return DraftTuner(speculate, self.flows.costs, self.flows.max_drafts, decisions=mode == "split")
 
     def _mode(self, params: SamplingParams) -> str:
         mode = params.mode or ("split" if self.num_models > 1 else "small")
@@ -64,11 +77,15 @@ class RequestIntake:
         metrics = RequestMetrics(self.clock.now(), mode=mode)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         req = Request(rid, index, [], params, metrics, stop_ids)
+        tuner = self._tuner(params, mode)
         if mode in ("small", "big"):
             model = SMALL if mode == "small" else BIG
             req.prompt = self._tokenize(prompt)
             self._check_prompt(req.prompt, self.real_vocab[model])
-            req.flow = SingleFlow(self.flows, req, model)
+            if tuner is not None and max(req.prompt) < self.real_vocab[SMALL]:
+                req.flow = DraftingBigFlow(self.flows, req, tuner)
+            else:
+                req.flow = SingleFlow(self.flows, req, model)
         else:
             if not isinstance(prompt, str) or self.tokenizer is None:
                 raise ValueError(f"mode {mode!r} needs the question as a string (it is put into the prompt template)")
@@ -77,7 +94,9 @@ class RequestIntake:
             self._check_prompt(small_ids, vocab, "templated prompt")
             self._check_prompt(big_ids, vocab, "templated prompt")
             req.prompt = small_ids
-            if mode == "split":
+            if mode == "split" and tuner is not None:
+                req.flow = DraftingSplitFlow(self.flows, req, small_ids, big_ids, tuner)
+            elif mode == "split":
                 req.flow = SplitFlow(self.flows, req, small_ids, big_ids)
             else:
                 seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid

@@ -15,7 +15,7 @@ from .sampling import SamplingParams
 _NUMBER, _INT, _BOOL = (int, float), (int,), (bool,)
 _FIELDS = {
     "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT, "seed": _INT, "ignore_eos": _BOOL,
-    "mode": (str,), "max_offload_tokens": _INT, "switch_ratio": _NUMBER, "switch_chunk": _INT,
+    "mode": (str,), "max_offload_tokens": _INT, "switch_ratio": _NUMBER, "switch_chunk": _INT, "speculate": _INT,
 }
 
 
@@ -132,7 +132,9 @@ def usage(out: RequestOutput) -> dict:
         result["prompt_tokens_details"] = {"cached_tokens": m.cached_tokens[1 if m.mode == "big" else 0]}
         result.update(small_tokens=m.small_tokens, big_tokens=m.big_tokens, offload_fraction=m.offload_fraction,
                       small_cached_tokens=m.cached_tokens[0], big_cached_tokens=m.cached_tokens[1],
-                      handoffs=m.handoffs, mode=m.mode, latency_per_offloaded_token_s=m.latency_per_offloaded_token)
+                      handoffs=m.handoffs, mode=m.mode, latency_per_offloaded_token_s=m.latency_per_offloaded_token,
+                      draft_tokens=m.draft_tokens, accepted_draft_tokens=m.accepted_draft_tokens,
+                      acceptance_rate=m.acceptance_rate, big_steps_per_offloaded_token=m.big_steps_per_offloaded_token)
     return result
 
 

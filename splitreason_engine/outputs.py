@@ -27,6 +27,9 @@ class RequestMetrics:
     big_waits: list[float] = field(default_factory=list)  # each handoff: tag sampled -> the big model first runs for it
     peak_pages: list[int] = field(default_factory=lambda: [0, 0])  # most KV pages held at once, per model
     cached_tokens: list[int] = field(default_factory=lambda: [0, 0])  # KV taken from the prefix cache, per model
+    big_steps: int = 0  # big-model steps that sampled for this request (verify steps included)
+    draft_tokens: int = 0  # small-model drafts a big step verified
+    accepted_draft_tokens: int = 0  # ... and kept as big tokens
 
     @property
     def time_to_first_token(self) -> "float | None":
@@ -48,6 +51,15 @@ class RequestMetrics:
     def offload_fraction(self) -> float:
         total = self.small_tokens + self.big_tokens
         return self.big_tokens / total if total else 0.0
+
+    @property
+    def acceptance_rate(self) -> "float | None":
+        """Drafts kept over drafts verified."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def big_steps_per_offloaded_token(self) -> "float | None":
+        return self.big_steps / self.big_tokens if self.big_tokens else None
 
     @property
     def latency_per_offloaded_token(self) -> "float | None":

@@ -78,7 +78,7 @@ class SingleFlow(Flow):
         views[self.model], runs[self.model] = list(self.req.prompt), _C.RUN_FOREGROUND
         return views, runs
 
-    def on_token(self, model, token, word, logprob, now):
+    def on_token(self, model, token, word, logprob, now, probs=None):
         if self.book.commit(self.req, token, model, logprob, now, stop=bool(word & STOP)):
             self.book.extend(self.req, model, [token], now)
 
@@ -118,7 +118,7 @@ class SplitFlow(Flow):
     def samples_on(self, model):
         return model == SMALL and self.phase == self.SMALL_PHASE
 
-    def on_token(self, model, token, word, logprob, now):
+    def on_token(self, model, token, word, logprob, now, probs=None):
         if model == SMALL:
             if self.phase == self.SMALL_PHASE:
                 self._small_writes(token, word, logprob, now)
@@ -172,11 +172,16 @@ class SplitFlow(Flow):
         self._time("catch_up", now)
         if not self._sync_big(final=True, now=now):
             return
+        self.req.big_wanted_since = now
+        self.seg_big, self.outstanding, self.held = 0, False, None
+        self._start_segment(now)
+
+    def _start_segment(self, now: float) -> None:
+        """The big view has the segment's text: the big model writes its first token."""
         self._ensure_pending(BIG)
         self._set_run(SMALL, _C.RUN_IDLE)
         self._set_run(BIG, _C.RUN_FOREGROUND)
-        self.req.big_wanted_since = now
-        self.phase, self.seg_big, self.outstanding, self.held = self.BIG_PHASE, 0, False, None
+        self.phase = self.BIG_PHASE
 
     # ---- big segment ------------------------------------------------------------------------
 
@@ -279,7 +284,7 @@ class RandomFlow(Flow):
         runs[self.writer] = _C.RUN_FOREGROUND
         return [self.small_ids, self.big_ids], runs
 
-    def on_token(self, model, token, word, logprob, now):
+    def on_token(self, model, token, word, logprob, now, probs=None):
         b, req = self.book, self.req
         if self.awaiting_first_big:
             self.awaiting_first_big = False

@@ -13,6 +13,7 @@ from . import _C
 from .outputs import RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 from .stats import EngineStats
+from .step_costs import StepCosts
 from .tags import TagDetector, Tags
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -184,6 +185,9 @@ class FlowContext:
     detector: "TagDetector | None"
     catch_up: str
     num_models: int
+    speculate: "int | str" = 0  # the engine's default drafting: "auto" or the most drafts per big step
+    costs: "StepCosts | None" = None  # step costs, for "auto"
+    max_drafts: int = 8  # drafts one big step may verify (its sampled tail must fit the token budget)
 
 
 class Flow(ABC):
@@ -199,9 +203,24 @@ class Flow(ABC):
         """Each model's first token stream and run state, for the scheduler's add_request."""
 
     @abstractmethod
-    def on_token(self, model: int, token: int, word: int, logprob, now: float) -> None:
+    def on_token(self, model: int, token: int, word: int, logprob, now: float, probs=None) -> None:
         """Applies one token sampled for this request by `model`; `word` is the sampler's
-        detection word for it (STOP, and the tag automaton's step from detect_state(model))."""
+        detection word for it (STOP, and the tag automaton's step from detect_state(model));
+        `probs`: the distribution it was drawn from, when draft_probs_state asked for it."""
+
+    def verify_group(self, model: int):
+        """The drafts `model` verifies in this step (speculation.VerifyGroup), or None: the
+        request's sampled rows are then its one next token."""
+        return None
+
+    def draft_probs_state(self, model: int) -> "int | None":
+        """None, or the automaton state that `model`'s next token, a sampled draft, is conditioned
+        not to close a tag from (-1: unconditioned): its distribution then comes with the token."""
+        return None
+
+    def on_verified(self, tokens: list[int], logprobs: list, accepted: int, now: float) -> None:
+        """Applies a verify step: the accepted drafts and the verifying model's own next token."""
+        raise NotImplementedError(f"{type(self).__name__} verifies no drafts")
 
     def detect_state(self, model: int) -> int:
         """The tag automaton state the sampler steps on `model`'s next token (-1: none wanted)."""

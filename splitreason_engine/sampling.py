@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MODES = ("split", "small", "big", "random")  # SplitReason, either model alone, the random-switch baseline
 INT32_MAX = 2**31 - 1
+MAX_SPECULATE = 8  # most drafts one big step verifies
 
 
 @dataclass
@@ -36,6 +37,10 @@ class SamplingParams:
     `max_offload_tokens` big tokens each), "small" or "big" alone, or "random" (each chunk of
     `switch_chunk` tokens goes to the big model with probability 1 / (switch_ratio + 1), drawn
     from `seed`). None means "split" on an engine with two models, else "small".
+
+    `speculate`: the most tokens the small model drafts ahead for one big step to verify, in big
+    segments (split mode) and in `big` mode: 0 turns drafting off, None takes the engine's default.
+    Greedy tokens are the same either way; sampled big tokens keep their distribution.
     """
 
     temperature: float = 1.0
@@ -52,6 +57,7 @@ class SamplingParams:
     max_offload_tokens: int = 512
     switch_ratio: float = 9.0
     switch_chunk: int = 16
+    speculate: "int | None" = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -67,6 +73,8 @@ class SamplingParams:
             raise ValueError(f"max_offload_tokens must be an integer >= 1, got {self.max_offload_tokens!r}")
         if not _is_number(self.switch_ratio) or not 0 <= self.switch_ratio < math.inf:
             raise ValueError(f"switch_ratio must be a finite number >= 0, got {self.switch_ratio!r}")
+        if self.speculate is not None and (not _is_int(self.speculate) or not 0 <= self.speculate <= MAX_SPECULATE):
+            raise ValueError(f"speculate must be None or an integer in 0..{MAX_SPECULATE}, got {self.speculate!r}")
         if not _is_int(self.switch_chunk) or not 1 <= self.switch_chunk <= INT32_MAX:
             raise ValueError(f"switch_chunk must be an integer >= 1, got {self.switch_chunk!r}")
         if not isinstance(self.logit_bias, dict) or any(
@@ -103,9 +111,12 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _noise_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for the `index`-th token of a request seeded with `seed` (splitmix64 mix)."""
-    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+def noise_seed(seed: int, index: int, model: int = 0) -> int:
+    """A 63-bit seed for the `index`-th token of a request seeded with `seed`, as `model` draws it
+    (splitmix64 mix). The models draw apart: the small model's choice at an index (a decision, a
+    draft) and the big model's token there must not share their noise."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + model * 0xD1B54A32D192ED03
+         + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
@@ -125,13 +136,14 @@ class RowInputs:
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_indices: list[int], generator: torch.Generator,
-              det_states: list[int], stop_ids: list[Collection[int]], device: torch.device) -> "RowInputs":
-        """Seeded rows' noise keys come from (seed, index of the token in the output); the others'
-        are drawn from `generator` (a CPU generator), only when some sampled row needs one."""
+              det_states: list[int], stop_ids: list[Collection[int]], device: torch.device,
+              model: int = 0) -> "RowInputs":
+        """Seeded rows' noise keys come from (seed, index of the token in the output, model); the
+        others' are drawn from `generator` (a CPU generator), only when some sampled row needs one."""
         n, width = len(params), max(map(len, stop_ids), default=0)
         buf = np.empty(6 * n + n * width, dtype=np.int32)
         keys = buf[: 2 * n].view(np.int64)
-        keys[:] = [_noise_seed(p.seed, i) if p.seed is not None else 0 for p, i in zip(params, output_indices)]
+        keys[:] = [noise_seed(p.seed, i, model) if p.seed is not None else 0 for p, i in zip(params, output_indices)]
         drawn = np.array([p.seed is None and not p.greedy for p in params], dtype=bool)
         if drawn.any():
             keys[drawn] = torch.randint(0, 2**63 - 1, (n,), generator=generator).numpy()[drawn]
@@ -176,7 +188,7 @@ def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
 def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
                       generator: torch.Generator, real_vocab: int, op: Callable, det_states: list[int],
                       tables: DetectTables, stop_ids: list[Collection[int]],
-                      state_feed: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None
+                      state_feed: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None, model: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
     """Picks one token per row of fp32 `logits` [n, V] and steps its tag automaton in one op
     (`op`: kernels.sample.sample_and_detect_ref or the Triton kernel); returns (token ids int32,
@@ -187,16 +199,14 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     `generator` (on the CPU) draws unseeded rows' noise keys. Ids >= `real_vocab` (padding rows of
     the embedding) are never chosen. `state_feed` (rows, words, word rows): those rows' automaton
     states are the states in the detection words of a step whose results are still on the device.
+    `model` picks the noise stream of seeded rows (noise_seed).
     """
-    rows = RowInputs.build(params, output_indices, generator, det_states, stop_ids, logits.device)
+    rows = RowInputs.build(params, output_indices, generator, det_states, stop_ids, logits.device, model)
     if state_feed is not None:
         feed_rows, words, word_rows = state_feed
         rows.det_states.index_copy_(0, feed_rows, words.index_select(0, word_rows) >> STATE_SHIFT)
-    biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
-    x = logits.clone() if biased else logits
-    for row, bias in biased:
-        ids = to_device(np.array(list(bias), dtype=np.int64), logits.device)
-        x[row, ids] += to_device(np.array(list(bias.values()), dtype=np.float32), logits.device).to(x.dtype)
+    x = with_logit_bias(logits, params)
+    biased = x is not logits
     filters = any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params)
     tokens, words, logprobs = op(x, rows.temperature, rows.top_k, rows.top_p, rows.keys, real_vocab, rows.det_states,
                                  tables.next_state, tables.flags, tables.closing, rows.stop_ids, filters=filters)
@@ -205,6 +215,18 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     if biased:  # logprobs are those of the unbiased distribution
         logprobs = torch.log_softmax(logits[:, :real_vocab].float(), dim=-1).gather(1, tokens.long()[:, None]).squeeze(1)
     return tokens, words, logprobs
+
+
+def with_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`logits` with each row's logit_bias added (a copy), or `logits` itself when no row has one."""
+    biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
+    if not biased:
+        return logits
+    x = logits.clone()
+    for row, bias in biased:
+        ids = to_device(np.array(list(bias), dtype=np.int64), logits.device)
+        x[row, ids] += to_device(np.array(list(bias.values()), dtype=np.float32), logits.device).to(x.dtype)
+    return x
 
 
 def generation_defaults(folder: Path) -> dict:

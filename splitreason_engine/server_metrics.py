@@ -58,6 +58,14 @@ class Metrics:
             ("splitreason_requests_rejected_total", "counter", "Requests refused with 503.", self.rejected),
             ("splitreason_handoffs_total", "counter", "Small-to-big handoffs.", stats["handoffs"]),
             ("splitreason_offloaded_tokens_total", "counter", "Tokens written by the big model.", stats["big_tokens"]),
+            ("splitreason_draft_tokens_total", "counter", "Small-model drafts verified by a big step.",
+             stats["draft_tokens"]),
+            ("splitreason_accepted_draft_tokens_total", "counter", "Drafts kept as big-model tokens.",
+             stats["accepted_draft_tokens"]),
+            ("splitreason_big_steps_per_offloaded_token", "gauge", "Big-model steps per big-model token, over "
+             "finished requests (1 without drafting).", stats["big_steps_per_offloaded_token"] or 0),
+            ("splitreason_latency_per_offloaded_token_seconds", "gauge", "Catch-up and big-segment time per "
+             "big-model token, over finished requests.", stats["latency_per_offloaded_token_s"] or 0),
             ("splitreason_jit_compiles_total", "counter", "Triton kernel variants compiled (start-up included).",
              stats["jit_compiles_total"]),
             ("splitreason_jit_compiles_after_startup", "gauge", "Triton kernel variants compiled while serving.",

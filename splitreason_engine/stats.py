@@ -21,6 +21,9 @@ class EngineStats:
     tokens_processed: list[int] = field(default_factory=lambda: [0, 0])
     cached_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prefix-cache hits: KV not computed
     handoff_latencies: list[float] = field(default_factory=list)
+    big_steps: int = 0  # big-model steps that sampled for a request, summed over requests
+    draft_tokens: int = 0  # drafts verified (speculation)
+    accepted_draft_tokens: int = 0  # ... and kept
     offloaded_time: float = 0.0  # catch-up plus big-segment wall time, summed over requests
     model_time: list[float] = field(default_factory=lambda: [0.0, 0.0])  # forward + sampling seconds
     steps: list[int] = field(default_factory=lambda: [0, 0])  # engine steps in which each model ran
@@ -45,6 +48,9 @@ class EngineStats:
         self.big_tokens += m.big_tokens
         self.handoffs += m.handoffs
         self.rolled_back_tokens += m.rolled_back_tokens
+        self.big_steps += m.big_steps
+        self.draft_tokens += m.draft_tokens
+        self.accepted_draft_tokens += m.accepted_draft_tokens
         for i in range(2):
             self.catch_up_tokens[i] += m.catch_up_tokens[i]
             self.tokens_processed[i] += m.tokens_processed[i]
@@ -85,6 +91,10 @@ class EngineStats:
             "handoff_latency_mean_s": sum(lat) / len(lat) if lat else None,
             "handoff_latency_p50_s": lat[len(lat) // 2] if lat else None,
             "latency_per_offloaded_token_s": self.offloaded_time / self.big_tokens if self.big_tokens else None,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "acceptance_rate": self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None,
+            "big_steps_per_offloaded_token": self.big_steps / self.big_tokens if self.big_tokens else None,
             "small_model_time_s": self.model_time[0],
             "big_model_time_s": self.model_time[1] if self.num_models > 1 else None,
             "coschedule": self.policy,

@@ -19,6 +19,7 @@ from .parallel import TPFailure
 from .requests import BIG, MODEL_NAMES, Request, RequestBook
 from .runner import ModelRunner
 from .sampling import DetectTables, sample_and_detect, to_device
+from .speculation import draft_distribution, verify
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -103,20 +104,65 @@ class StepLoop:
                    num_samples: int, width: int, feeds: "dict | None", sources: "dict | None") -> "Batch | None":
         """One model's forward pass and sampling, launched: the results stay on their way to the host."""
         b = runner.buffers
-        reqs = [self.requests[i] for i in b["sample_request_ids"][:num_samples].tolist()]
+        reqs, plain_rows, verifying, groups, verify_rows = self._sample_rows(m, b["sample_request_ids"][:num_samples])
         fed = {row: feeds[(m, r.id)] for row, r in enumerate(reqs) if (m, r.id) in feeds} if feeds else {}
         feed = self._feed(m, b, num_seqs, reqs, fed, sources[m]) if fed else None
         logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
         if num_samples == 0:
             return None
+        verified = None
+        if groups:
+            index = to_device(np.array(verify_rows, dtype=np.int64), logits.device)
+            verified = (verifying, groups, verify(logits.index_select(0, index), groups, self.real_vocab[m],
+                                                  self.generator, m))
+            logits = logits.index_select(0, to_device(np.array(plain_rows, dtype=np.int64), logits.device))
+        if not reqs:
+            return Batch(m, [], None, verified=verified)
         # A row fed from the previous step samples the token after the one the host has not seen.
         indices = [r.flow.next_index() + (row in fed) for row, r in enumerate(reqs)]
         state_feed = (feed.sample_rows, feed.source.words, feed.state_rows) if feed is not None else None
         tokens, words, logprobs = sample_and_detect(
             logits, [r.params for r in reqs], indices, self.generator, self.real_vocab[m], self.sample_op,
-            [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed)
+            [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed, m)
         results = Results.copy_back(tokens, words, logprobs)
-        return Batch(m, reqs, results, {row: size for row, (_, size) in fed.items()})
+        return Batch(m, reqs, results, {row: size for row, (_, size) in fed.items()},
+                     draft_probs=self._draft_probs(m, logits, reqs), verified=verified)
+
+    def _sample_rows(self, m: int, request_ids: np.ndarray) -> tuple[list[Request], list[int], list[Request], list,
+                                                                      list[int]]:
+        """Splits a step's sampled rows: one per request that samples its next token (requests, rows),
+        and the rows of requests whose flow verifies drafts (requests, groups, rows)."""
+        reqs, plain_rows, verifying, groups, verify_rows = [], [], [], [], []
+        ids = request_ids.tolist()
+        row = 0
+        while row < len(ids):
+            req = self.requests[ids[row]]
+            end = row + 1
+            while end < len(ids) and ids[end] == ids[row]:
+                end += 1
+            group = req.flow.verify_group(m)
+            if group is None:
+                assert end == row + 1, f"request {req.id} sampled {end - row} rows with no drafts to verify"
+                reqs.append(req)
+                plain_rows.append(row)
+            else:
+                assert end - row == len(group.drafts) + 1, (
+                    f"request {req.id} verifies {len(group.drafts)} drafts on {end - row} rows")
+                verifying.append(req)
+                groups.append(group)
+                verify_rows += range(row, end)
+            row = end
+        return reqs, plain_rows, verifying, groups, verify_rows
+
+    def _draft_probs(self, m: int, logits: torch.Tensor, reqs: list[Request]) -> dict:
+        """row -> the small model's distribution of a sampled draft (speculation.draft_distribution)."""
+        states = {row: r.flow.draft_probs_state(m) for row, r in enumerate(reqs)}
+        rows = [row for row, state in states.items() if state is not None]
+        if not rows:
+            return {}
+        q = draft_distribution(logits[rows], [reqs[row].params for row in rows], self.real_vocab[m],
+                               [states[row] for row in rows], self.detect_tables)
+        return dict(zip(rows, q))
 
     def _feed(self, m: int, buffers: dict, num_seqs: int, reqs: list[Request], fed: dict, source: Results) -> Feed:
         """Where the placeholders of this model's planned step are, and which rows of the previous
@@ -138,6 +184,8 @@ class StepLoop:
         decide can change its inputs: every sampled row of `current` either ends its request
         whatever the token (its view gets nothing more), or feeds its view's next step (a
         placeholder the device fills in). None (nothing launched) when a row needs the host first."""
+        if any(batch.verified is not None for batch in current.batches):
+            return None  # a verify step's outcome decides what both views read next
         fed = []
         for batch in current.batches:
             for row, req in enumerate(batch.reqs):
@@ -173,8 +221,10 @@ class StepLoop:
         rows = []
         for batch in step.batches:
             m, began = batch.model, self.clock.now()
-            tokens, words, logprobs = batch.results.wait()
+            tokens, words, logprobs = batch.results.wait() if batch.results is not None else ([], [], [])
+            verified = self._verified(batch, now)
             self.stats.model_time[m] += self.clock.now() - began
+            rows += verified
             for row, (req, token, word, logprob) in enumerate(zip(batch.reqs, tokens, words, logprobs)):
                 if batch.valid is not None and not batch.valid[row]:
                     self.stats.rows_dropped += 1
@@ -182,8 +232,10 @@ class StepLoop:
                 if ahead is not None and (m, req.id) in ahead.placeholders and req.finish_reason is None:
                     self.scheduler.set_last_token(req.id, m, token)
                     req.ahead[m] = token
+                if m == BIG:
+                    req.metrics.big_steps += 1
                 if not word & NONFINITE:
-                    rows.append((m, req, token, word, logprob))
+                    rows.append((m, req, token, word, logprob, batch.draft_probs.get(row)))
                 elif req.finish_reason is None:
                     self.book.fail(req, f"the {MODEL_NAMES[m]} model's logits for this request are not finite "
                                         f"(NaN or inf) after {len(req.tokens)} tokens", now)
@@ -191,10 +243,13 @@ class StepLoop:
         now = self.clock.now()
         # The small model's rows first: in a big segment they decide whether the big token
         # sampled in the same step is still wanted.
-        for m, req, token, word, logprob in rows:
+        for m, req, token, word, logprob, probs in rows:
             if req.finish_reason is None:
                 try:
-                    req.flow.on_token(m, token, word, logprob, now)
+                    if word is None:  # a verify group: `token` holds its tokens, `logprob` theirs and the count accepted
+                        req.flow.on_verified(token, *logprob, now)
+                    else:
+                        req.flow.on_token(m, token, word, logprob, now, probs)
                 except Exception as e:
                     self.book.fail(req, f"{type(e).__name__} while applying a {MODEL_NAMES[m]}-model token: {e}", now)
             self.book.drop_ahead(req, m)
@@ -202,6 +257,23 @@ class StepLoop:
             for batch in ahead.batches:
                 batch.valid = [self._continues(batch.model, req, batch.planned_sizes.get(row))
                                for row, req in enumerate(batch.reqs)]
+
+    def _verified(self, batch: Batch, now: float) -> list[tuple]:
+        """A batch's verify groups as rows for _apply (word None marks them); a group whose logits
+        are not finite fails its request."""
+        if batch.verified is None:
+            return []
+        reqs, groups, verified = batch.verified
+        rows = []
+        for req, group, (tokens, logprobs, accepted, finite) in zip(reqs, groups, verified.per_group(groups)):
+            req.metrics.big_steps += 1
+            if not finite:
+                if req.finish_reason is None:
+                    self.book.fail(req, f"the {MODEL_NAMES[batch.model]} model's logits for this request are not "
+                                        f"finite (NaN or inf) after {len(req.tokens)} tokens", now)
+                continue
+            rows.append((batch.model, req, tokens, None, (logprobs, accepted), None))
+        return rows
 
     def _continues(self, m: int, req: Request, planned_size: "int | None") -> bool:
         """Whether a row of a step launched ahead still samples what this request needs next: the

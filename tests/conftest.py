@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import properties  # noqa: E402,F401  (loads the hypothesis profile before any test module)
 from hf_models import CONFIGS, save_tiny_qwen2  # noqa: E402
-from split_models import Oracle, save_pair  # noqa: E402
+from split_models import Oracle, save_near_pair, save_pair  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,6 +58,17 @@ def pair(tmp_path_factory):
 @pytest.fixture(scope="session")
 def oracle(pair):
     return Oracle(*pair)
+
+
+@pytest.fixture(scope="session")
+def near_pair(tmp_path_factory, pair):
+    """The split pair's small model and a noisy copy of it as the big one: drafts are often kept."""
+    return save_near_pair(tmp_path_factory.mktemp("near_pair"), pair[0], noise=0.03)
+
+
+@pytest.fixture(scope="session")
+def near_oracle(near_pair):
+    return Oracle(*near_pair)
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,22 @@ def save_pair(root: Path, special_tags: bool) -> tuple[Path, Path]:
     return small, big
 
 
+def save_near_pair(root: Path, small: Path, noise: float) -> tuple[Path, Path]:
+    """(small, big): the big model is a copy of `small` with Gaussian noise of `noise` times each
+    weight's standard deviation added, so the small model's drafts are often (not always) what the
+    big model would write: drafting's acceptance and rejection paths both run."""
+    from safetensors.torch import load_file, save_file
+
+    big = root / "near_big"
+    shutil.copytree(small, big)
+    g = torch.Generator().manual_seed(13)
+    weights = load_file(str(small / "model.safetensors"))
+    weights = {k: w + noise * w.float().std().nan_to_num() * torch.randn(w.shape, generator=g) if w.dim() > 1 else w
+               for k, w in weights.items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(big / "model.safetensors"), metadata={"format": "pt"})
+    return small, big
+
+
 def steer_to_finish_tags(folder: Path) -> None:
     """Makes a random untied model write `big`, `model`, `>` after any `<`-like token, by giving the
     embeddings unit scale, shrinking what the layers add to the residual, and adding the previous

@@ -67,3 +67,13 @@ def test_split_batch_compares_policies_without_reuse(tmp_path):
 def test_demo_eval_runs_without_the_cache(tmp_path):
     r = smoke("demo_eval", tmp_path)
     assert r["prefix_caching"] is False and set(r["modes"]) == {"small", "big", "split", "random"}
+
+
+def test_speculate_bench_checks_greedy_tokens_and_writes_its_keys(tmp_path):
+    r = smoke("speculate", tmp_path)
+    assert r["prefix_caching"] is False and r["greedy_token_exact"] is True
+    for mode in ("split", "big"):
+        row = r["demo_cpu"][mode]
+        assert row["tok_s_on"]["repeats"] >= 3 and row["big_steps_per_offloaded_token"] > 0
+        assert row["latency_per_offloaded_token_ratio"] > 0
+    assert {"split_b1", "split_b4", "big_b1", "latency_per_offloaded_token_b1"} <= set(r["simulated_h200"])

@@ -1,7 +1,7 @@
 """Random engine workloads against the protocol oracle, with everything that touches KV at once.
 
 Each example runs requests of all four modes (split ones biased to hand off often and to probe a
-close tag and be rolled back), some of them twice so the prefix cache serves them, arriving over
+close tag and be rolled back), with or without drafting in big segments and big mode, some of them twice so the prefix cache serves them, arriving over
 the first steps, in a pool from roomy to one that drops big views and preempts, with or without
 overlapped steps, under injected faults: non-finite logits for one request, a forward pass that
 raises (its whole batch fails), and aborts. After every step the scheduler's invariants hold; at
@@ -37,6 +37,7 @@ class EngineWorkload:
     max_num_batched_tokens: int
     overlap: bool
     catch_up: str
+    speculate: int  # drafts per big step in split and big mode (0: off)
     faults: list[Fault]
 
 
@@ -57,6 +58,7 @@ def engine_workloads(draw: st.DrawFn) -> EngineWorkload:
         max_num_batched_tokens=draw(st.sampled_from([24, 96, 2048])),
         overlap=draw(st.booleans()),
         catch_up=draw(st.sampled_from(["lazy", "eager"])),
+        speculate=draw(st.sampled_from([0, 2, 5])),
         faults=draw(st.lists(fault, max_size=3)),
     )
 
@@ -93,7 +95,7 @@ def test_random_workloads_with_faults_rollbacks_preemption_and_caching_match_the
     reqs = [pool[i] for i in w.picks]
     engine = Engine(*pair, kv_cache_bytes=w.pool_pages * PAGE_BYTES, max_model_len=256, catch_up=w.catch_up,
                     max_num_batched_tokens=w.max_num_batched_tokens, overlap=w.overlap, prefix_caching=True,
-                    progress=False)
+                    speculate=w.speculate, progress=False)
     live = {}  # request id -> the engine's Request, kept after it finishes
     hit: set[int] = set()
     aborts = {}
@@ -124,7 +126,8 @@ def test_random_workloads_with_faults_rollbacks_preemption_and_caching_match_the
     for name, reached in (("preemption", engine.scheduler.num_preemptions), ("view drop", engine.scheduler.num_view_drops),
                           ("cache hit", stats["prefix_cache_hit_tokens_small"] + stats["prefix_cache_hit_tokens_big"]),
                           ("rollback", sum(r.metrics.rolled_back_tokens for r in live.values())),
-                          ("step ahead", engine.stats.steps_ahead), ("fault hit", len(hit))):
+                          ("step ahead", engine.stats.steps_ahead), ("fault hit", len(hit)),
+                          ("draft", stats["draft_tokens"])):
         event(f"{name}: {'yes' if reached else 'no'}")
     assert engine.broken is None
     assert engine.scheduler.num_free_pages == engine.pool.num_pages

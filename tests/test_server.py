@@ -105,6 +105,21 @@ def test_completions_streamed_equals_not_streamed_and_usage_has_offload(server):
         k: v for k, v in usage.items() if k not in (timing, *cache)}
 
 
+def test_a_request_drafts_with_speculate_and_usage_and_metrics_count_it(server):
+    """`speculate` in the body: the same greedy text as without, and the drafts in usage and /metrics."""
+    body = dict(prompt="What is 2+2?", max_tokens=40, temperature=0, logit_bias=SPLIT_BIAS)
+    plain, drafted = completion(server, **body, speculate=0), completion(server, **body, speculate=3)
+    assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]
+    usage = drafted["usage"]
+    assert usage["draft_tokens"] > 0 and 0 <= usage["accepted_draft_tokens"] <= usage["draft_tokens"]
+    assert usage["acceptance_rate"] == usage["accepted_draft_tokens"] / usage["draft_tokens"]
+    assert usage["big_steps_per_offloaded_token"] > 0 and plain["usage"]["draft_tokens"] == 0
+    assert server.metric("splitreason_draft_tokens_total") >= usage["draft_tokens"]
+    assert server.metric("splitreason_accepted_draft_tokens_total") >= usage["accepted_draft_tokens"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "pair", **body, "speculate": 12}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speculate"
+
+
 def test_openai_client_completions_and_chat(server):
     import openai
 

@@ -66,6 +66,13 @@ def test_tokens_do_not_change_under_preemption(pair, oracle, engines):
     assert engine.scheduler.num_preemptions > 0
 
 
+def test_drafting_matches_the_oracle(near_pair, near_oracle, engines):
+    """Verify steps (a sampled tail of drafts) go to the other rank like any step."""
+    engine = engines(*near_pair, kv_cache_bytes=1 << 24, max_model_len=256, speculate=4)
+    outs = check_against_oracle(engine, near_oracle, mixed_requests(near_oracle))
+    assert sum(o.metrics.accepted_draft_tokens for o in outs) > 0
+
+
 def test_llama_and_qwen3_match_one_process(tmp_path, engines, monkeypatch):
     """Llama with q/k/v, o and MLP biases and an untied (vocabulary-split) LM head beside a tied
     Qwen3 with q/k norms, greedy, ragged prompts given as token ids. The start-up warm-up (CUDA's,

@@ -59,9 +59,13 @@ def noise_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
     with mix32 = lowbias32. 23 bits so that u is exact in fp32 and never 0 or 1.
     """
-    keys = keys.to(torch.int64)[:, None]
+    return noise_at(keys[:, None], torch.arange(vocab, dtype=torch.int64, device=keys.device)[None, :])
+
+
+def noise_at(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The uniform of noise_uniform for (key, id) pairs (broadcast), any id in [0, 2**32)."""
+    keys, ids = keys.to(torch.int64), ids.to(torch.int64)
     lo, hi = keys & _MASK32, keys >> 32
-    ids = torch.arange(vocab, dtype=torch.int64, device=keys.device)[None, :]
     h = _mix32((_mul32(ids, _GOLDEN32) + lo) & _MASK32)
     h = _mix32(h ^ hi)
     return ((h >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
@@ -87,6 +91,15 @@ def _thresholds(x: torch.Tensor, inv_t: torch.Tensor, top_k: torch.Tensor,
     crossing = (cum < target[:, None]).sum(dim=-1).clamp(max=vocab - 1)
     floor_p = torch.maximum(floor, values.gather(1, crossing[:, None]).squeeze(1))
     return torch.where(use_p, floor_p, floor)
+
+
+def filtered_log_probs(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor) -> torch.Tensor:
+    """log of the distribution a sampled row draws from: fp32 logits `x` [n, V] filtered by top-k
+    then top-p as below, then softmax(x / T) over what is kept (-inf elsewhere)."""
+    inv_t = 1 / temperature.float()
+    floor = _thresholds(x, inv_t, top_k, top_p.float())
+    return torch.log_softmax(torch.where(x >= floor[:, None], x * inv_t[:, None], float("-inf")), dim=-1)
 
 
 def sample_and_detect_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
