@@ -41,14 +41,15 @@ TARGETS = {"demo_cpu_big_steps_per_offloaded_token": 0.75, "split_b1": 1.2, "lat
            "split_b16": 1.1, "split_b64": 1.05, "big_b1": 2.0}
 
 
-def run(engine: Engine, mode: str, problems, batch: int, speculate: "int | None") -> dict:
+def run(engine: Engine, mode: str, problems, batch: int, speculate: "int | None", max_tokens: int) -> dict:
     """Answers `problems` in batches of `batch` (speculate: the requests' own, None for the
     engine's); the engine's clock gives the time."""
     tokens, outs = [], []
     start = engine.clock.now()
     for i in range(0, len(problems), batch):
         chunk = problems[i:i + batch]
-        params = [SamplingParams(temperature=0.0, max_tokens=400, mode=mode, speculate=speculate) for _ in chunk]
+        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, mode=mode, speculate=speculate)
+                  for _ in chunk]
         for out in engine.generate([prompt_for(engine, mode, p) for p in chunk], params, use_tqdm=False):
             if out.error:
                 raise RuntimeError(f"{mode}, speculate={speculate}: {out.error}")
@@ -64,11 +65,11 @@ def run(engine: Engine, mode: str, problems, batch: int, speculate: "int | None"
             "latency_per_offloaded_token_s": sum(x.catch_up_time + x.big_time for x in m) / big if big else None}
 
 
-def demo_cpu(problems, speculate, repeats: int, failures: list[str]) -> dict:
+def demo_cpu(problems, speculate, max_tokens: int, repeats: int, failures: list[str]) -> dict:
     engine = Engine(*pair_paths(), prefix_caching=False, speculate=speculate, progress=False)
     result = {}
     for mode in ("split", "big"):
-        runs = {name: [run(engine, mode, problems, 1, k) for _ in range(repeats)] for name, k in
+        runs = {name: [run(engine, mode, problems, 1, k, max_tokens) for _ in range(repeats)] for name, k in
                 (("off", 0), ("on", None))}
         off, on = runs["off"][0], runs["on"][0]
         _same_tokens(f"demo_cpu {mode}", off, on, failures)
@@ -86,7 +87,8 @@ def demo_cpu(problems, speculate, repeats: int, failures: list[str]) -> dict:
     return result
 
 
-def simulated_h200(problems, batch_problems, speculate, batches: list[int], failures: list[str]) -> dict:
+def simulated_h200(problems, batch_problems, speculate, max_tokens: int, batches: list[int],
+                   failures: list[str]) -> dict:
     costs = StepCosts.load(COSTS)
     result = {}
     for mode, sizes in (("split", batches), ("big", [1])):
@@ -96,7 +98,7 @@ def simulated_h200(problems, batch_problems, speculate, batches: list[int], fail
             for name, k in (("off", 0), ("on", None)):
                 engine = Engine(*pair_paths(), prefix_caching=False, speculate=speculate, progress=False,
                                 clock=SimulatedClock(costs), step_costs=str(COSTS))
-                timed[name] = run(engine, mode, pool, batch, k)
+                timed[name] = run(engine, mode, pool, batch, k, max_tokens)
             _same_tokens(f"simulated {mode} batch {batch}", timed["off"], timed["on"], failures)
             result[f"{mode}_b{batch}"] = timed["off"]["time_s"] / timed["on"]["time_s"]
             result[f"{mode}_b{batch}_detail"] = {name: {k: v for k, v in r.items() if k != "tokens"}
@@ -139,17 +141,19 @@ def main(argv=None) -> None:
     p.add_argument("--speculate", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="drafting when on: auto or the most drafts per big step (default: auto)")
     p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--max-tokens", type=int, default=400, help="per problem (a demo answer needs up to 400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="e.g. bench/results/speculate.json")
-    args = parse_with_smoke(p, dict(problems=2, batch_problems=8, batches="1,4", repeats=3), argv=argv)
+    args = parse_with_smoke(p, dict(problems=2, batch_problems=4, batches="1,4", max_tokens=120, repeats=3), argv=argv)
     problems = evaluation_problems(args.problems, args.seed)
     batch_problems = evaluation_problems(args.batch_problems, args.seed + 1)
     failures: list[str] = []
     began = time.perf_counter()
     result = {"machine": machine(), "speculate": args.speculate, "problems": args.problems,
               "batch_problems": args.batch_problems, "prefix_caching": False, "costs_file": str(COSTS.name),
-              "demo_cpu": demo_cpu(problems, args.speculate, args.repeats, failures),
-              "simulated_h200": simulated_h200(problems, batch_problems, args.speculate,
+              "max_tokens": args.max_tokens,
+              "demo_cpu": demo_cpu(problems, args.speculate, args.max_tokens, args.repeats, failures),
+              "simulated_h200": simulated_h200(problems, batch_problems, args.speculate, args.max_tokens,
                                                [int(b) for b in args.batches.split(",")], failures)}
     result["greedy_token_exact"] = not failures
     result["targets"] = {key: target for key, target in TARGETS.items()}

@@ -77,10 +77,10 @@ def test_non_finite_logits_fail_only_their_request(engine, oracle, monkeypatch):
 def test_a_flow_that_raises_fails_only_its_request(engine, oracle, monkeypatch):
     on_token, victim = SplitFlow.on_token, engine.intake.next_id + 4
 
-    def broken(self, model, token, word, logprob, now):
+    def broken(self, model, token, word, logprob, now, probs=None):
         if self.req.id == victim and len(self.req.tokens) >= 5:
             raise RuntimeError("injected flow fault")
-        return on_token(self, model, token, word, logprob, now)
+        return on_token(self, model, token, word, logprob, now, probs)
 
     monkeypatch.setattr(SplitFlow, "on_token", broken)
     reqs, outs = run_mixed(engine, oracle)
