@@ -1,5 +1,6 @@
 """The flows of requests whose big tokens are drafted by the small model (speculation.py has the
-acceptance rule): split mode's big segments, and `big` mode as draft-model speculative decoding.
+acceptance rule): split mode's big segments, random mode's big chunks, and `big` mode as
+draft-model speculative decoding.
 
 A cycle: the small model drafts up to k tokens, one per step, reading each; the big model then
 computes its last committed token and the k drafts in one step (the view's sampled tail) and
@@ -16,7 +17,7 @@ starts at the handoff, so its first draft follows the open tag and decides nothi
 
 from . import _C
 from .kernels.sample import CLOSE, CLOSING, STATE_SHIFT, STOP
-from .protocol import SingleFlow, SplitFlow
+from .protocol import RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, SMALL
 from .speculation import DraftTuner, VerifyGroup
 
@@ -200,11 +201,27 @@ class DraftingSplitFlow(SplitFlow):
         return True
 
 
-class DraftingBigFlow(SingleFlow):
-    """`big` mode with the small model drafting: draft-model speculative decoding. The small view
-    reads the prompt in the background while the big model writes the first token."""
+class _DraftsWithoutDecisions:
+    """What big mode and random mode's big chunks share: a plain big step, or drafts that decide
+    nothing (no tag ends the text there) followed by a verify step."""
 
     PLAIN, DRAFT, VERIFY = "plain", "draft", "verify"
+
+    def next_index(self):
+        return len(self.req.tokens) + (len(self.drafts.items) if self.phase == self.DRAFT else 0)
+
+    def verify_group(self, model):
+        if model == BIG and self.phase == self.VERIFY:
+            return self.drafts.group(self.req.params, len(self.req.tokens))
+        return None
+
+    def draft_probs_state(self, model):
+        return -1 if model == SMALL and self.phase == self.DRAFT and not self.req.params.greedy else None
+
+
+class DraftingBigFlow(_DraftsWithoutDecisions, SingleFlow):
+    """`big` mode with the small model drafting: draft-model speculative decoding. The small view
+    reads the prompt in the background while the big model writes the first token."""
 
     def __init__(self, ctx, req, tuner: DraftTuner):
         super().__init__(ctx, req, BIG)
@@ -220,17 +237,6 @@ class DraftingBigFlow(SingleFlow):
 
     def samples_on(self, model):
         return False
-
-    def next_index(self):
-        return len(self.req.tokens) + (len(self.drafts.items) if self.phase == self.DRAFT else 0)
-
-    def verify_group(self, model):
-        if model == BIG and self.phase == self.VERIFY:
-            return self.drafts.group(self.req.params, len(self.req.tokens))
-        return None
-
-    def draft_probs_state(self, model):
-        return -1 if model == SMALL and self.phase == self.DRAFT and not self.req.params.greedy else None
 
     def on_token(self, model, token, word, logprob, now, probs=None):
         b, req = self.book, self.req
@@ -289,3 +295,73 @@ class DraftingBigFlow(SingleFlow):
                 return
         if b.extend(req, BIG, tokens[-1:], now):
             self._start_drafting(now)
+
+
+class DraftingRandomFlow(_DraftsWithoutDecisions, RandomFlow):
+    """Random mode with its big chunks drafted by the small model: before each cycle the small view
+    catches up on the chunk's text; drafts never cross the chunk's end, so each chunk's writer is
+    drawn after the same tokens as without drafting."""
+
+    def __init__(self, ctx, req, small_ids: list[int], big_ids: list[int], seed: int, tuner: DraftTuner):
+        super().__init__(ctx, req, small_ids, big_ids, seed)
+        self.tuner = tuner
+        self.phase = self.PLAIN
+        self.drafts = _Drafts()
+        self.limit = 0
+        self.small_base = self.big_draft_base = 0
+
+    def samples_on(self, model):
+        return self.phase == self.PLAIN and super().samples_on(model)
+
+    def on_token(self, model, token, word, logprob, now, probs=None):
+        if self.phase == self.PLAIN:
+            if self._write(model, token, logprob, now, stop=bool(word & STOP)) and model == BIG:
+                self._start_drafting(now)
+            return
+        self.drafts.items.append((token, word, logprob, probs))
+        if len(self.drafts.items) == self.limit:
+            self.drafts.verified = self.limit
+            self.big_draft_base = _send_to_verify(self, self.drafts, now)
+            self.phase = self.VERIFY
+        else:
+            self.book.extend(self.req, SMALL, [token], now)
+
+    def _start_drafting(self, now: float) -> None:
+        req, s = self.req, self.sched
+        self.drafts = _Drafts()
+        chunk_left = req.params.switch_chunk - len(req.tokens) % req.params.switch_chunk
+        room = self.ctx.book.max_model_len - max(s.view_size(req.id, SMALL), s.view_size(req.id, BIG)) - 2
+        self.limit = max(0, min(self.tuner.next_k(len(self.book.live)), chunk_left - 1,
+                                req.params.max_tokens - len(req.tokens) - 1, room))
+        if self.limit == 0:  # a plain big step
+            self.phase = self.PLAIN
+            return
+        missing = req.tokens[self.synced[SMALL]:]
+        if not self.book.extend(req, SMALL, missing, now):
+            return
+        req.metrics.catch_up_tokens[SMALL] += len(missing)
+        self.synced[SMALL] = len(req.tokens)
+        self._ensure_pending(SMALL)
+        self.small_base = s.view_size(req.id, SMALL)
+        self.phase = self.DRAFT
+        self._set_run(BIG, _C.RUN_IDLE)
+        self._set_run(SMALL, _C.RUN_FOREGROUND)
+
+    def on_verified(self, tokens: list[int], logprobs: list, accepted: int, now: float) -> None:
+        req, s, v = self.req, self.sched, self.drafts.verified
+        s.set_sample_tail(req.id, BIG, 1)
+        self._set_run(SMALL, self._idle_run())
+        self.phase = self.PLAIN
+        req.metrics.draft_tokens += v
+        req.metrics.accepted_draft_tokens += accepted
+        self.tuner.observe(accepted, accepted < v)
+        in_small = min(accepted, v - 1)  # the small view read every draft but the last
+        s.truncate(req.id, SMALL, self.small_base + in_small)
+        self.synced[SMALL] = len(req.tokens) + in_small
+        if accepted < v:
+            s.truncate(req.id, BIG, self.big_draft_base + accepted)
+            req.metrics.rolled_back_tokens += v - accepted
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs)):
+            if not self._write(BIG, token, logprob, now, in_view=i < accepted):
+                return
+        self._start_drafting(now)

@@ -164,7 +164,8 @@ class ProtocolOptions:
     catch_up: str = option("lazy", "when the big model reads the small model's text: at each handoff (lazy) or in "
                            "the background with spare batch budget (eager)", choices=CATCH_UP_POLICIES)
     speculate: "int | str" = option(
-        0, "drafting in big segments and in big mode: the most tokens the small model drafts for one big step to "
+        0, "drafting in big segments, random mode's big chunks and big mode: the most tokens the small model drafts "
+        "for one big step to "
         f"verify (0 off, up to {MAX_SPECULATE}), or 'auto' (per request, from its acceptance and the step costs); "
         "requests may set their own (SamplingParams.speculate)", type=lambda v: v if v == "auto" else int(v),
         metavar="auto|K")

@@ -4,7 +4,7 @@ ValueError that names the problem, raised before anything is queued."""
 
 from typing import Union
 
-from .drafting import DraftingBigFlow, DraftingSplitFlow
+from .drafting import DraftingBigFlow, DraftingRandomFlow, DraftingSplitFlow
 from .outputs import RequestMetrics
 from .protocol import PromptTemplate, RandomFlow, SingleFlow, SplitFlow
 from .requests import BIG, SMALL, FlowContext, Request
@@ -28,12 +28,12 @@ class RequestIntake:
 
     def _tuner(self, params: SamplingParams, mode: str) -> "DraftTuner | None":
         """The request's drafting (SamplingParams.speculate, else the engine's), or None: no drafts.
-        Only big segments and big mode draft; random mode's big chunks do not."""
+        Big segments, random mode's big chunks and big mode draft; small mode has nothing to draft."""
         speculate = self.flows.speculate if params.speculate is None else params.speculate
         if speculate != 0 and self.num_models < 2:
             raise ValueError(f"speculate={speculate} needs a big model to verify and a small one to draft; this engine "
                              "has one model")
-        if speculate == 0 or mode not in ("split", "big"):
+        if speculate == 0 or mode == "small":
             return None
         return DraftTuner(speculate, self.flows.costs, self.flows.max_drafts, decisions=mode == "split")
 
@@ -100,7 +100,8 @@ class RequestIntake:
                 req.flow = SplitFlow(self.flows, req, small_ids, big_ids)
             else:
                 seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid
-                req.flow = RandomFlow(self.flows, req, small_ids, big_ids, seed)
+                req.flow = (DraftingRandomFlow(self.flows, req, small_ids, big_ids, seed, tuner) if tuner is not None
+                            else RandomFlow(self.flows, req, small_ids, big_ids, seed))
         metrics.num_prompt_tokens = len(req.prompt)
         self.scheduler.add_request(rid, *req.flow.initial_views())
         self.next_id += 1

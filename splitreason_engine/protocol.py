@@ -285,25 +285,35 @@ class RandomFlow(Flow):
         return [self.small_ids, self.big_ids], runs
 
     def on_token(self, model, token, word, logprob, now, probs=None):
+        self._write(model, token, logprob, now, stop=bool(word & STOP))
+
+    def _write(self, model: int, token: int, logprob, now: float, stop: "bool | None" = None,
+               in_view: bool = False) -> bool:
+        """One token of the writer into the output (and its view, unless `in_view`: a kept draft is
+        there already); the other view catches up (eager), and a chunk's end draws the next
+        writer. False once the request has ended or the writer changed."""
         b, req = self.book, self.req
         if self.awaiting_first_big:
             self.awaiting_first_big = False
             req.metrics.handoff_latencies.append(now - self.switch_time)
             self._time("big", now)
-        if not b.commit(req, token, model, logprob, now, stop=bool(word & STOP)) or not b.extend(req, model, [token], now):
-            return
+        if not b.commit(req, token, model, logprob, now, stop=stop) or (
+                not in_view and not b.extend(req, model, [token], now)):
+            return False
         self.synced[model] = len(req.tokens)
         other = 1 - model
         missing = req.tokens[self.synced[other]:]
         if self.ctx.catch_up == "eager" and len(missing) >= EAGER_SYNC_EVERY:
             if not b.extend(req, other, missing, now):
-                return
+                return False
             self.synced[other] = len(req.tokens)
             req.metrics.catch_up_tokens[other] += len(missing)
         if len(req.tokens) % req.params.switch_chunk == 0:
             writer = self._draw()
             if writer != model:
                 self._switch(writer, now)
+                return False
+        return True
 
     def _switch(self, writer: int, now: float) -> None:
         b, req = self.book, self.req

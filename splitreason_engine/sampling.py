@@ -39,7 +39,8 @@ class SamplingParams:
     from `seed`). None means "split" on an engine with two models, else "small".
 
     `speculate`: the most tokens the small model drafts ahead for one big step to verify, in big
-    segments (split mode) and in `big` mode: 0 turns drafting off, None takes the engine's default.
+    segments (split mode), random mode's big chunks and `big` mode: 0 turns drafting off, None takes
+    the engine's default.
     Greedy tokens are the same either way; sampled big tokens keep their distribution.
     """
 

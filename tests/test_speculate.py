@@ -1,8 +1,8 @@
 """Drafting in big segments and in big mode (SamplingParams.speculate, Engine(speculate=...)).
 
-Greedy: split and big modes equal the protocol oracle token for token with drafting on, on the
-random pair (most drafts rejected) and on the near pair (a noisy copy of the small model as the
-big one: most kept), under lazy and eager catch-up, page pressure, the prefix cache, overlap and
+Greedy: split, random (its big chunks) and big modes equal the protocol oracle token for token
+with drafting on, on the random pair (most drafts rejected) and on the near pair (a noisy copy of
+the small model as the big one: most kept), under lazy and eager catch-up, page pressure, the prefix cache, overlap and
 tags made of several tokens (probes). Sampling: the verify rule keeps the big model's
 distribution exactly (against the distribution itself, 2% shifts detectable), in the op and
 through the engine, and seeded requests repeat.
@@ -125,14 +125,14 @@ def test_drafting_matches_the_oracle(pair, oracle, near_pair, near_oracle, which
     engine = Engine(*models, kv_cache_bytes=1 << 24, max_model_len=256, catch_up=catch_up, speculate=4,
                     progress=False)
     outs = check_against_oracle(engine, reference, mixed_requests(reference))
-    for mode in ("split", "big"):
+    for mode in ("split", "big", "random"):
         drafted, kept = _drafting_stats(outs, mode)
-        assert drafted > 20 and kept < drafted
+        assert drafted > 5 and kept < drafted
         if which == "near-pair":
-            assert kept > drafted / 3
+            assert kept > drafted / (3 if mode != "random" else 5)
     split = [o for o in outs if o.metrics.mode == "split"]
     assert sum(o.metrics.handoffs for o in split) >= 10
-    assert all(o.metrics.draft_tokens == 0 for o in outs if o.metrics.mode in ("small", "random"))
+    assert all(o.metrics.draft_tokens == 0 for o in outs if o.metrics.mode == "small")
     stats = engine.stats.summary()
     assert stats["draft_tokens"] == sum(o.metrics.draft_tokens for o in outs)
     assert stats["accepted_draft_tokens"] == sum(o.metrics.accepted_draft_tokens for o in outs)
@@ -193,12 +193,12 @@ def test_a_request_turns_drafting_off_or_on_itself(near_pair, near_oracle):
 
 
 def test_seeded_sampling_with_drafting_repeats_under_page_pressure(near_pair, near_oracle):
-    """Sampled split and big requests with drafting: the same seeds give the same tokens in a roomy
-    pool and in one that drops big views and preempts."""
-    reqs = [r for r in mixed_requests(near_oracle) if r.mode in ("split", "big")]
+    """Sampled split, random and big requests with drafting: the same seeds give the same tokens in
+    a roomy pool and in one that drops big views and preempts."""
+    reqs = [r for r in mixed_requests(near_oracle) if r.mode != "small"]
     params = [SamplingParams(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=r.max_tokens, speculate=3,
-                             logit_bias=r.logit_bias, mode=r.mode, max_offload_tokens=r.max_offload_tokens)
-              for i, r in enumerate(reqs)]
+                             logit_bias=r.logit_bias, mode=r.mode, max_offload_tokens=r.max_offload_tokens,
+                             switch_ratio=r.switch_ratio, switch_chunk=r.switch_chunk) for i, r in enumerate(reqs)]
     roomy = Engine(*near_pair, kv_cache_bytes=1 << 24, max_model_len=256, progress=False)
     tight = Engine(*near_pair, kv_cache_bytes=33 * PAGE_BYTES, max_model_len=256, catch_up="eager", progress=False)
     a, b = (e.generate([r.question for r in reqs], params, use_tqdm=False) for e in (roomy, tight))
