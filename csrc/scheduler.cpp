@@ -208,8 +208,9 @@ void Scheduler::share_pages(Entry& e, View& view, int32_t model) {
   const int32_t page_tokens = config_.page_tokens[model];
   // Full pages an earlier entry of this batch computes (published just now) replace this entry's
   // fresh ones: the model stores every token's KV before any attention reads it. Two tokens stay,
-  // so that the entry remains a prefill.
-  while (e.count > page_tokens + 1 && e.start % page_tokens == 0 &&
+  // so that the entry remains a prefill, and the whole sampled tail.
+  const int32_t keep = std::max(2, view.sample_tail);
+  while (e.count >= page_tokens + keep && e.start % page_tokens == 0 &&
          view.page_hashes.size() == static_cast<size_t>(e.start / page_tokens)) {
     const size_t k = e.start / page_tokens;
     const uint64_t hash = next_page_key(view, page_tokens, model);

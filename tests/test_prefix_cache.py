@@ -197,6 +197,52 @@ def test_requests_admitted_in_one_step_share_the_pages_the_first_one_computes() 
     assert d.s.num_free_pages == 32
 
 
+def test_a_sampled_tail_is_computed_whole_not_shared_or_cached() -> None:
+    """A view that samples its last 3 tokens (drafts to verify) takes cached and same-batch pages only
+    before them: found by the fuzz, where sharing left 2 of the 3 to compute."""
+    d = CacheDriver(num_pages=32, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32, page_tokens=[4])
+    prompt = list(range(1, 15))  # 14 tokens: 3 full pages and 2 more
+    d.add(0, 0, prompt, 4)
+    d.add(1, 0, prompt, 4)
+    d.s.set_sample_tail(1, 0, 3)
+    d.schedule()
+    assert d.s.view_stats(1, 0)[2] == 8  # 2 pages shared; the third holds tail tokens
+    b, counts = d.s.buffers(0), d.s.counts()
+    rows = b["sample_request_ids"][:counts[3]].tolist()
+    assert rows.count(1) == 3 and rows.count(0) == 1
+    assert b["positions"][b["logits_indices"][:counts[3]]].tolist() == [13, 11, 12, 13]
+    d.finish(0)
+    d.truncate(1, 0, 11)  # drafts rejected; then three new tokens to verify, with the cache full
+    d.append(1, 0, [7, 8, 9])
+    d.schedule()
+    rows = d.s.buffers(0)["sample_request_ids"][:d.s.counts()[3]].tolist()
+    assert rows == [1, 1, 1]
+    d.finish(1)
+    assert d.s.num_free_pages == 32
+
+
+def test_a_sampled_tail_is_not_shared_from_a_request_of_the_same_batch() -> None:
+    """Two running requests read the same 10 new tokens in one step; the second samples its last 3.
+    It takes the first one's full pages at fill time only before its tail (the fuzz's case: five
+    copies of one greedy split request recomputing their big views together after preemption)."""
+    d = CacheDriver(num_pages=32, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32, page_tokens=[4])
+    for rid in range(2):
+        d.add(rid, 0, [1, 2, 3, 4], 12)
+    d.schedule()
+    for rid in range(2):
+        d.append(rid, 0, list(range(5, 15)))  # 14 tokens, 4 computed: nothing cached yet for the rest
+    d.s.set_sample_tail(1, 0, 3)
+    d.schedule()
+    b, counts = d.s.buffers(0), d.s.counts()
+    rows = b["sample_request_ids"][:counts[3]].tolist()
+    assert rows == [0, 1, 1, 1]
+    assert d.s.request_pages(1, 0)[1] == d.s.request_pages(0, 0)[1]  # tokens 4-7: shared
+    assert d.s.request_pages(1, 0)[2] != d.s.request_pages(0, 0)[2]  # 8-11 hold tail tokens: its own
+    for rid in range(2):
+        d.finish(rid)
+    assert d.s.num_free_pages == 32
+
+
 def decode_step(d: CacheDriver) -> None:
     """Schedules, then appends a token to every sampled request."""
     d.schedule()
