@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .kernels.sample import CLOSE, filtered_log_probs, noise_at, noise_uniform
-from .sampling import MAX_SPECULATE, DetectTables, SamplingParams, noise_seed, to_device, with_logit_bias
+from .sampling import MAX_SPECULATE, DetectTables, RowInputs, SamplingParams, to_device, with_logit_bias
 from .step_costs import StepCosts
 
 ACCEPT_ID = 2**32 - 1  # the noise id of a draft's acceptance draw
@@ -102,15 +102,17 @@ def verify(logits: torch.Tensor, groups: list[VerifyGroup], real_vocab: int, gen
     drafts = [d for g in groups for d in g.drafts + [-1]]
     x_raw = logits[:, :real_vocab].float()
     x = with_logit_bias(logits, params)[:, :real_vocab].float()
-    greedy, temperature, top_k, top_p = _row_settings(params, device)
+    indices = [g.first_index + i for g in groups for i in range(len(g.drafts) + 1)]
+    rows = RowInputs.build(params, indices, generator, [-1] * len(params), [()] * len(params), device, model)
+    greedy = rows.temperature == 0
     d = to_device(np.array(drafts, dtype=np.int64), device)
     has_draft = d >= 0
     tokens = x.argmax(dim=-1)
     accepted = has_draft & (tokens == d)
     sampled = (~greedy).nonzero().squeeze(1)
     if sampled.numel():
-        keys = _keys(groups, generator, model, device)[sampled]
-        logp = filtered_log_probs(x[sampled], temperature[sampled], top_k[sampled], top_p[sampled])
+        keys = rows.keys[sampled]
+        logp = filtered_log_probs(x[sampled], rows.temperature[sampled], rows.top_k[sampled], rows.top_p[sampled])
         p = logp.exp()
         q = _stacked_draft_probs(groups, real_vocab, device)[sampled]
         ds = d[sampled].clamp(min=0)[:, None]
@@ -127,18 +129,6 @@ def verify(logits: torch.Tensor, groups: list[VerifyGroup], real_vocab: int, gen
     logp_raw = torch.log_softmax(x_raw, dim=-1)
     return Verified(tokens.to(torch.int32), accepted, logp_raw.gather(1, tokens[:, None]).squeeze(1),
                     logp_raw.gather(1, d.clamp(min=0)[:, None]).squeeze(1), torch.isfinite(x_raw).all(dim=-1))
-
-
-def _keys(groups: list[VerifyGroup], generator: torch.Generator, model: int, device) -> torch.Tensor:
-    """Noise keys per row: seeded rows from (seed, output index, model), the others drawn."""
-    keys = []
-    for g in groups:
-        for i in range(len(g.drafts) + 1):
-            if g.params.seed is not None:
-                keys.append(noise_seed(g.params.seed, g.first_index + i, model))
-            else:
-                keys.append(int(torch.randint(0, 2**63 - 1, (1,), generator=generator)))
-    return to_device(np.array(keys, dtype=np.int64), device)
 
 
 def _stacked_draft_probs(groups: list[VerifyGroup], real_vocab: int, device) -> torch.Tensor:
