@@ -8,7 +8,7 @@ dtypes, integers equal to 1 or multiples of 16, 16-byte aligned pointers, do_not
 honoured); it launches nothing. It also keeps what `triton.compile` needs to build each variant for
 a GPU target (`Variant.compile_inputs`). `cuda_like` makes the wrappers' and the runner's CUDA-only
 choices on CPU tensors: decode splits from an SM count, the GPU's decode, extend (by compute
-capability) and sampler launch parameters, the runner's staging layout.
+capability), sampler and verify launch parameters, the runner's staging layout.
 
 Used by tests/test_warmup.py (the warm-up reaches every variant serving reaches) and
 bench/compile_check.py (every such variant compiles for the cards).
@@ -25,12 +25,13 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from splitreason_engine import runner as runner_module
 from splitreason_engine.kernels import (activation_triton, linear_triton, norms_triton, paged_attention_triton,
-                                        rope_triton, sample_triton)
+                                        rope_triton, sample_triton, verify_triton)
 
-KERNEL_MODULES = (activation_triton, linear_triton, norms_triton, paged_attention_triton, rope_triton, sample_triton)
+KERNEL_MODULES = (activation_triton, linear_triton, norms_triton, paged_attention_triton, rope_triton, sample_triton,
+                  verify_triton)
 # Every kernel the op set launches; a kernel added to a module must be added here (install checks).
 KERNELS = {"_silu_and_mul_kernel", "_rms_norm_kernel", "_add_rms_norm_kernel", "_decode_split_kernel",
-           "_extend_kernel", "_rope_store_kv_kernel", "_sample_detect_kernel", "_linear_kernel"}
+           "_extend_kernel", "_rope_store_kv_kernel", "_sample_detect_kernel", "_verify_kernel", "_linear_kernel"}
 
 Patch = Callable[[object, str, object], None]  # setattr that is undone later (pytest's monkeypatch.setattr)
 
@@ -126,12 +127,13 @@ class _Recording:
 def cuda_like(patch: Patch, sm_count: int, major: int = 9) -> None:
     """The wrappers' and the runner's CUDA-only choices, on CPU tensors, as on a GPU of `sm_count`
     SMs and compute capability `major`.x."""
-    pa, st = paged_attention_triton, sample_triton
+    pa, st, vt = paged_attention_triton, sample_triton, verify_triton
     cuda = torch.device("cuda")
-    decode_heuristic, sample_heuristic = pa._decode_heuristic, st._heuristic
+    decode_heuristic, sample_heuristic, verify_heuristic = pa._decode_heuristic, st._heuristic, vt._heuristic
     patch(pa, "decode_splits", lambda batch, kv_heads, device: pa.splits_for(batch, kv_heads, sm_count))
     patch(pa, "_decode_heuristic", lambda batch, kv_heads, head_dim, dtype, device:
           decode_heuristic(batch, kv_heads, head_dim, dtype, cuda))
     patch(pa, "_extend_launch", lambda q, block_d: pa.extend_launch(q.dtype, block_d, "cuda", major))
     patch(st, "_heuristic", lambda vocab, rows, device: sample_heuristic(vocab, rows, cuda))
+    patch(vt, "_heuristic", lambda device: verify_heuristic(cuda))
     patch(runner_module, "stages", lambda device: True)

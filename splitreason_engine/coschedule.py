@@ -12,7 +12,9 @@ Two policies, chosen per engine:
   until the rows waiting at their start are through their segments. A round starts when enough
   rows wait (`min_share` of the rows with work), or the small model has nothing else to do, or
   the oldest wait reaches the bound (`max_wait_steps` steps or `max_wait_s` seconds, whichever
-  comes first): no request waits longer, so nothing starves.
+  comes first): no request waits longer, so nothing starves. Rows drafting for a verify step
+  (speculation) stay in their round while they draft, and the round's big step waits for them, so
+  the round's verifies run together (within the same wait bound).
 
 `auto` picks from the engine's measured step costs (step_costs.py): `gather` when a big step is
 weight-bound (a step of 2 rows costs under 1.5x a step of one) and dearer than a small step,
@@ -41,8 +43,9 @@ class Policy(ABC):
     name: str
 
     @abstractmethod
-    def hold_big(self, sched, now: float) -> bool:
-        """Whether the big model sits out this step; `sched`: the scheduler, asked for ready rows."""
+    def hold_big(self, sched, now: float, drafting: "set[int]") -> bool:
+        """Whether the big model sits out this step; `sched`: the scheduler, asked for ready rows;
+        `drafting`: the requests whose small model drafts for a big step to verify."""
 
     def observe(self, big_ran: bool) -> None:
         """What the step actually did (a held model runs anyway when nothing else can)."""
@@ -54,7 +57,7 @@ class Policy(ABC):
 class EagerPolicy(Policy):
     name = "eager"
 
-    def hold_big(self, sched, now):
+    def hold_big(self, sched, now, drafting):
         return False
 
 
@@ -68,7 +71,11 @@ class GatherPolicy(Policy):
     members are the rows waiting then; it runs the big model every step until no member needs it
     (a member leaves once it stops needing the big model: its segment, or the rest of one, is
     done), and rows that come to need it meanwhile ride along. Rows still mid-segment when it
-    ends wait for the next round, their wait counted from there."""
+    ends wait for the next round, their wait counted from there.
+
+    A member drafting for a verify step still needs the big model: it stays in the round, and the
+    round's big step waits until no member drafts (or the wait bound is reached), so the members
+    verify together in one weight-bound step instead of one step each."""
 
     min_share: float
     max_wait_steps: "int | None" = None
@@ -88,24 +95,31 @@ class GatherPolicy(Policy):
         self._since: "float | None" = None  # when the current run of held steps began
         self._held = 0  # steps held in a row; every waiting row has waited at most this long
 
-    def hold_big(self, sched, now):
+    def hold_big(self, sched, now, drafting):
         waiting = sched.ready_requests(BIG)
         if self._round:
-            self._round.intersection_update(waiting)  # a member whose segment ended leaves for good
+            # A member leaves for good once it neither waits for the big model nor drafts for it.
+            self._round.intersection_update(set(waiting) | drafting)
             if self._round:
-                return False
+                if not self._round & drafting or self._bound_reached(now):
+                    return False
+                if self._since is None:
+                    self._since = now
+                return True
         if not waiting:  # nobody waits (any earlier waiter was aborted): no wait is running
             self._since, self._held = None, 0
             return False
         if self._since is None:
             self._since = now
         small = sched.ready_rows(SMALL)
-        if (small == 0 or len(waiting) >= self.min_share * (len(waiting) + small)
-                or (self.max_wait_steps is not None and self._held >= self.max_wait_steps)
-                or (self.max_wait_s is not None and now - self._since >= self.max_wait_s)):
+        if small == 0 or len(waiting) >= self.min_share * (len(waiting) + small) or self._bound_reached(now):
             self._round = set(waiting)
             return False
         return True
+
+    def _bound_reached(self, now: float) -> bool:
+        return ((self.max_wait_steps is not None and self._held >= self.max_wait_steps)
+                or (self.max_wait_s is not None and self._since is not None and now - self._since >= self.max_wait_s))
 
     def observe(self, big_ran):
         if big_ran:

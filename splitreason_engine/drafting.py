@@ -15,6 +15,8 @@ ends there (or the probe starts there) as it would without drafting. The first c
 starts at the handoff, so its first draft follows the open tag and decides nothing.
 """
 
+import math
+
 from . import _C
 from .kernels.sample import CLOSE, CLOSING, STATE_SHIFT, STOP
 from .protocol import RandomFlow, SingleFlow, SplitFlow
@@ -35,6 +37,11 @@ class _Drafts:
     def group(self, params, first_index: int) -> VerifyGroup:
         probs = None if params.greedy else [d[3] for d in self.items[:self.verified]]
         return VerifyGroup(params, self.tokens(self.verified), probs, first_index)
+
+
+def _confidence(logprob: "float | None") -> "float | None":
+    """The small model's probability of its draft (its unfiltered logprob; None: not computed)."""
+    return None if logprob is None else math.exp(logprob)
 
 
 def _send_to_verify(flow, drafts: _Drafts, now: float) -> int:
@@ -64,6 +71,10 @@ class DraftingSplitFlow(SplitFlow):
         self.draft_det = 0  # automaton state after the drafts so far
         self.small_base = self.big_draft_base = 0  # view sizes before the drafts
         self.last_decision = None  # a plain step's decision, until its big token comes
+
+    @property
+    def drafting(self):
+        return self.phase == self.DRAFT
 
     def next_index(self):
         if self.phase == self.DRAFT:
@@ -134,10 +145,21 @@ class DraftingSplitFlow(SplitFlow):
     def _draft(self, token, word, logprob, probs, now):
         decides = self.drafts.items or not self.first
         self.drafts.items.append((token, word, logprob, probs))
-        if (decides and word & (CLOSE | CLOSING)) or len(self.drafts.items) == self.limit + 1:
+        if decides and word & (CLOSE | CLOSING) and len(self.drafts.items) == 1:
+            # The decision after the last committed big token ends the segment or starts a close
+            # tag, with nothing to verify: no big step now. The plain protocol samples the big
+            # token after it in the same step and drops it once the tag closes; here the big model
+            # samples it only if a probe turns out not to be a close tag.
+            if word & CLOSE:
+                self._end_segment([(token, logprob)], in_small_view=False, now=now)
+            else:
+                self._start_probe(self.drafts.items[0], None, now)
+        elif (decides and word & (CLOSE | CLOSING)) or len(self.drafts.items) == self.limit + 1:
             self._start_verify(now)
         elif self.book.extend(self.req, SMALL, [token], now):
             self.draft_det = word >> STATE_SHIFT
+            if not self.tuner.keep_drafting(_confidence(logprob), len(self.book.live)):
+                self.limit = len(self.drafts.items)  # the decision after this draft ends the cycle
 
     def _start_verify(self, now: float) -> None:
         self.drafts.verified = max(0, len(self.drafts.items) - 1)  # the last one is a decision
@@ -160,7 +182,8 @@ class DraftingSplitFlow(SplitFlow):
         last = self.drafts.items[-1] if self.drafts.items else None
         decision = last if accepted == v and last is not None and (v > 0 or not self.first) else None
         self.tuner.observe(accepted + (decision is not None and decision[0] == token),
-                           accepted < v or (decision is not None and decision[0] != token))
+                           accepted < v or (decision is not None and decision[0] != token),
+                           [_confidence(d[2]) for d in self.drafts.items[:v]])
         if decision is not None and decision[1] & CLOSE:
             self.held = (token, 0, logprob)  # sampled after the close: dropped
             self._end_segment([(decision[0], decision[2])], in_small_view=False, now=now)
@@ -169,9 +192,10 @@ class DraftingSplitFlow(SplitFlow):
         elif self._commit_big(token, logprob, in_views=False, now=now):
             self._start_drafting(first=False, now=now)
 
-    def _start_probe(self, decision: tuple, held: tuple, now: float) -> None:
+    def _start_probe(self, decision: tuple, held: "tuple | None", now: float) -> None:
         """The decision after the last accepted draft may start a close tag: the small model writes
-        on alone, as in the protocol, holding the big token sampled after it."""
+        on alone, as in the protocol, holding the big token sampled after it (None: not sampled;
+        the big model samples it if the probe fails)."""
         token, word, logprob, _ = decision
         self.phase, self.probe, self.held = self.PROBE, [(token, logprob)], held
         self.probe_det, self.probe_len = self.det, self.sched.view_size(self.req.id, SMALL)
@@ -206,6 +230,10 @@ class _DraftsWithoutDecisions:
     nothing (no tag ends the text there) followed by a verify step."""
 
     PLAIN, DRAFT, VERIFY = "plain", "draft", "verify"
+
+    @property
+    def drafting(self):
+        return self.phase == self.DRAFT
 
     def next_index(self):
         return len(self.req.tokens) + (len(self.drafts.items) if self.phase == self.DRAFT else 0)
@@ -245,7 +273,8 @@ class DraftingBigFlow(_DraftsWithoutDecisions, SingleFlow):
                 self._start_drafting(now)
             return
         self.drafts.items.append((token, word, logprob, probs))
-        if len(self.drafts.items) == self.limit:
+        if len(self.drafts.items) == self.limit or not self.tuner.keep_drafting(_confidence(logprob),
+                                                                                 len(self.book.live)):
             self._start_verify(now)
         else:
             b.extend(req, SMALL, [token], now)
@@ -283,7 +312,7 @@ class DraftingBigFlow(_DraftsWithoutDecisions, SingleFlow):
         s.set_sample_tail(req.id, BIG, 1)
         req.metrics.draft_tokens += v
         req.metrics.accepted_draft_tokens += accepted
-        self.tuner.observe(accepted, accepted < v)
+        self.tuner.observe(accepted, accepted < v, [_confidence(d[2]) for d in self.drafts.items[:v]])
         in_small = min(accepted, v - 1)  # the small view read every draft but the last
         s.truncate(req.id, SMALL, self.small_base + in_small)
         self.synced = len(req.tokens) + in_small
@@ -319,8 +348,9 @@ class DraftingRandomFlow(_DraftsWithoutDecisions, RandomFlow):
                 self._start_drafting(now)
             return
         self.drafts.items.append((token, word, logprob, probs))
-        if len(self.drafts.items) == self.limit:
-            self.drafts.verified = self.limit
+        if len(self.drafts.items) == self.limit or not self.tuner.keep_drafting(_confidence(logprob),
+                                                                                 len(self.book.live)):
+            self.drafts.verified = len(self.drafts.items)
             self.big_draft_base = _send_to_verify(self, self.drafts, now)
             self.phase = self.VERIFY
         else:
@@ -354,7 +384,7 @@ class DraftingRandomFlow(_DraftsWithoutDecisions, RandomFlow):
         self.phase = self.PLAIN
         req.metrics.draft_tokens += v
         req.metrics.accepted_draft_tokens += accepted
-        self.tuner.observe(accepted, accepted < v)
+        self.tuner.observe(accepted, accepted < v, [_confidence(d[2]) for d in self.drafts.items[:v]])
         in_small = min(accepted, v - 1)  # the small view read every draft but the last
         s.truncate(req.id, SMALL, self.small_base + in_small)
         self.synced[SMALL] = len(req.tokens) + in_small

@@ -151,7 +151,7 @@ class Engine:
         self.book = RequestBook(self.scheduler, self.tokenizer, max_model_len, len(self.models), self.stats)
         self._requests = self.book.live
         self.loop = StepLoop(self.scheduler, self.runners, self.book, self.stats, self.clock, policy,
-                             self.ops.sample_and_detect, self.detect_tables, self.real_vocab, seed, self.device,
+                             self.ops.sample_and_detect, self.ops.verify_rows, self.detect_tables, self.real_vocab, seed, self.device,
                              max_model_len, self.overlap)
         flows = FlowContext(self.book, self.tokenizer, self.tags, self.detector, self.catch_up, len(self.models),
                             self.config.protocol.speculate, self.step_costs, min(MAX_SPECULATE, max_num_batched_tokens - 1))

@@ -17,7 +17,7 @@ import sys
 
 # The modules of splitreason_engine.kernels that define @triton.jit kernels.
 KERNEL_MODULES = ("activation_triton", "linear_triton", "norms_triton", "paged_attention_triton", "rope_triton",
-                  "sample_triton")
+                  "sample_triton", "verify_triton")
 
 
 def _kernels():

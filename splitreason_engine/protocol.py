@@ -238,6 +238,9 @@ class SplitFlow(Flow):
             if self.held is not None:
                 held, self.held = self.held, None
                 self._big_writes(*held, now)
+            else:  # a drafting flow probed before sampling the big token after the decision: now
+                self._ensure_pending(BIG)
+                self._set_run(SMALL, _C.RUN_IDLE)
 
     def _end_segment(self, tokens, in_small_view: bool, now: float) -> None:
         """The close tag (as the small model wrote it, or forced) ends the big segment."""

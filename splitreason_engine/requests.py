@@ -218,6 +218,12 @@ class Flow(ABC):
         not to close a tag from (-1: unconditioned): its distribution then comes with the token."""
         return None
 
+    @property
+    def drafting(self) -> bool:
+        """Whether the small model is drafting for a big step to verify (the co-scheduling policy
+        lines the verify steps up)."""
+        return False
+
     def on_verified(self, tokens: list[int], logprobs: list, accepted: int, now: float) -> None:
         """Applies a verify step: the accepted drafts and the verifying model's own next token."""
         raise NotImplementedError(f"{type(self).__name__} verifies no drafts")

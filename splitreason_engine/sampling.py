@@ -189,8 +189,8 @@ def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
 def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
                       generator: torch.Generator, real_vocab: int, op: Callable, det_states: list[int],
                       tables: DetectTables, stop_ids: list[Collection[int]],
-                      state_feed: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None, model: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
+                      state_feed: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None, model: int = 0,
+                      with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
     """Picks one token per row of fp32 `logits` [n, V] and steps its tag automaton in one op
     (`op`: kernels.sample.sample_and_detect_ref or the Triton kernel); returns (token ids int32,
     detection words int32, logprobs or None).
@@ -200,7 +200,8 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     `generator` (on the CPU) draws unseeded rows' noise keys. Ids >= `real_vocab` (padding rows of
     the embedding) are never chosen. `state_feed` (rows, words, word rows): those rows' automaton
     states are the states in the detection words of a step whose results are still on the device.
-    `model` picks the noise stream of seeded rows (noise_seed).
+    `model` picks the noise stream of seeded rows (noise_seed). Logprobs come back when a row asks
+    for them or `with_logprobs` (drafting reads the small model's confidence in its drafts).
     """
     rows = RowInputs.build(params, output_indices, generator, det_states, stop_ids, logits.device, model)
     if state_feed is not None:
@@ -211,7 +212,7 @@ def sample_and_detect(logits: torch.Tensor, params: list[SamplingParams], output
     filters = any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params)
     tokens, words, logprobs = op(x, rows.temperature, rows.top_k, rows.top_p, rows.keys, real_vocab, rows.det_states,
                                  tables.next_state, tables.flags, tables.closing, rows.stop_ids, filters=filters)
-    if not any(p.logprobs for p in params):
+    if not with_logprobs and not any(p.logprobs for p in params):
         return tokens, words, None
     if biased:  # logprobs are those of the unbiased distribution
         logprobs = torch.log_softmax(logits[:, :real_vocab].float(), dim=-1).gather(1, tokens.long()[:, None]).squeeze(1)

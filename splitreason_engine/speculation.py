@@ -17,15 +17,15 @@ apart from the small model's draws, and the accept draw from an id no vocabulary
 """
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .kernels.sample import CLOSE, filtered_log_probs, noise_at, noise_uniform
+from .kernels.sample import CLOSE, filtered_log_probs
+from .kernels.verify import verify_rows_ref
 from .sampling import MAX_SPECULATE, DetectTables, RowInputs, SamplingParams, to_device, with_logit_bias
 from .step_costs import StepCosts
-
-ACCEPT_ID = 2**32 - 1  # the noise id of a draft's acceptance draw
 
 
 def _row_settings(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,42 +93,19 @@ class Verified:
 
 
 def verify(logits: torch.Tensor, groups: list[VerifyGroup], real_vocab: int, generator: torch.Generator,
-           model: int) -> Verified:
-    """Checks each group's drafts against the verifying model's fp32 `logits` [sum(drafts + 1), V]
-    (a group's rows in order: after its last committed token, then after each draft). Nothing
+           model: int, op: Callable = verify_rows_ref) -> Verified:
+    """Checks each group's drafts against the verifying model's `logits` [sum(drafts + 1), V] (a
+    group's rows in order: after its last committed token, then after each draft) with `op`, the
+    engine's ops.verify_rows (kernels/verify.py): one launch for every row of the step. Nothing
     vocabulary-sized leaves the device."""
     device = logits.device
     params = [g.params for g in groups for _ in range(len(g.drafts) + 1)]
     drafts = [d for g in groups for d in g.drafts + [-1]]
-    x_raw = logits[:, :real_vocab].float()
-    x = with_logit_bias(logits, params)[:, :real_vocab].float()
     indices = [g.first_index + i for g in groups for i in range(len(g.drafts) + 1)]
     rows = RowInputs.build(params, indices, generator, [-1] * len(params), [()] * len(params), device, model)
-    greedy = rows.temperature == 0
-    d = to_device(np.array(drafts, dtype=np.int64), device)
-    has_draft = d >= 0
-    tokens = x.argmax(dim=-1)
-    accepted = has_draft & (tokens == d)
-    sampled = (~greedy).nonzero().squeeze(1)
-    if sampled.numel():
-        keys = rows.keys[sampled]
-        logp = filtered_log_probs(x[sampled], rows.temperature[sampled], rows.top_k[sampled], rows.top_p[sampled])
-        p = logp.exp()
-        q = _stacked_draft_probs(groups, real_vocab, device)[sampled]
-        ds = d[sampled].clamp(min=0)[:, None]
-        pd, qd = p.gather(1, ds).squeeze(1), q.gather(1, ds).squeeze(1)
-        u_accept = noise_at(keys, torch.tensor(ACCEPT_ID))
-        accept_s = has_draft[sampled] & (u_accept * qd < pd)
-        gumbel = -torch.log(-torch.log(noise_uniform(keys, real_vocab)))
-        residual = (p - q).clamp(min=0)
-        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
-        resampled = (residual.log() + gumbel).argmax(dim=-1)
-        plain = (logp + gumbel).argmax(dim=-1)
-        tokens[sampled] = torch.where(has_draft[sampled], resampled, plain)
-        accepted[sampled] = accept_s
-    logp_raw = torch.log_softmax(x_raw, dim=-1)
-    return Verified(tokens.to(torch.int32), accepted, logp_raw.gather(1, tokens[:, None]).squeeze(1),
-                    logp_raw.gather(1, d.clamp(min=0)[:, None]).squeeze(1), torch.isfinite(x_raw).all(dim=-1))
+    q = _stacked_draft_probs(groups, real_vocab, device)
+    return Verified(*op(with_logit_bias(logits, params), logits, to_device(np.array(drafts, dtype=np.int64), device),
+                        q, rows.temperature, rows.top_k, rows.top_p, rows.keys, real_vocab))
 
 
 def _stacked_draft_probs(groups: list[VerifyGroup], real_vocab: int, device) -> torch.Tensor:
@@ -141,9 +118,13 @@ def _stacked_draft_probs(groups: list[VerifyGroup], real_vocab: int, device) -> 
 
 
 class DraftTuner:
-    """How many tokens one request drafts per big step: fixed, or ("auto") the k in 0..MAX_SPECULATE
-    that maximises expected big tokens per second under the step-cost model, from the request's
-    running acceptance rate (a geometric estimate, exponentially forgetting)."""
+    """How many tokens one request drafts per big step: fixed, or ("auto") chosen under the
+    step-cost model. Auto decides per cycle whether to draft at all (the k in 0..MAX_SPECULATE
+    that maximises expected big tokens per second, from the request's running acceptance rate, a
+    geometric estimate that forgets exponentially), and per draft whether to draft on: while the
+    chance that every draft so far is kept, estimated from the small model's own probability of
+    each (scaled by how often its drafts were kept against that probability), still makes the
+    next draft worth its small step."""
 
     PRIOR, DECAY = (1.0, 1.0), 0.9  # (accepted, rejected) pseudo-counts; weight of the past per verify
 
@@ -153,26 +134,52 @@ class DraftTuner:
         self.k = min(max_drafts if self.auto else int(k), max_drafts)
         self.costs = costs
         self.accepted, self.rejected = self.PRIOR
+        self.kept, self.expected = 1.0, 1.0  # drafts kept, and the small model's probabilities summed over them
+        self.alive = 1.0  # the estimated chance that every draft of this cycle so far is kept
 
     @property
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def observe(self, accepted: int, rejected: bool) -> None:
+    def observe(self, accepted: int, rejected: bool, confidences: "list[float] | None" = None) -> None:
+        """A verify step's outcome; `confidences`: the small model's probability of each draft
+        verified (the drafts up to the first rejected one calibrate the per-draft estimate)."""
         if self.auto:
             self.accepted = self.DECAY * self.accepted + accepted
             self.rejected = self.DECAY * self.rejected + rejected
+            if confidences:
+                tested = confidences[: accepted + rejected]
+                self.kept = self.DECAY * self.kept + accepted
+                self.expected = self.DECAY * self.expected + sum(tested)
 
     def next_k(self, big_rows: int = 1) -> int:
-        """Drafts for the next big step (the caller caps it by what the request has left).
+        """Drafts for the next big step at most (the caller caps it by what the request has left).
         `big_rows`: how many requests a plain big step would serve at once. The flows pass every
         live request: the co-scheduling policy gathers big-model work, so under load plain big
-        steps carry many rows, and a drafting request, verifying on its own, would not share them."""
+        steps carry many rows, and a drafting request's verify shares fewer of them."""
+        self.alive = 1.0
         if not self.auto:
             return self.k
         big_rows = max(big_rows, 1)
         a = min(self.acceptance, 0.999)
-        return max(range(self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / self._token_cost(k, big_rows))
+        best = max(range(self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / self._token_cost(k, big_rows))
+        return self.k if best else 0
+
+    def keep_drafting(self, confidence: "float | None", big_rows: int = 1) -> bool:
+        """After a draft the small model gave probability `confidence`: whether to draft another
+        before the big step (fixed k: always, up to k). Another draft costs a small step and a
+        verified position; it saves, if every draft up to it is kept, a token of the plain protocol."""
+        if not self.auto or confidence is None:
+            return True
+        self.alive *= min(1.0, confidence * self.kept / self.expected)
+        small, big = self._costs()
+        saving = self._token_cost(0, max(big_rows, 1))
+        return self.alive * self.acceptance * saving >= small(1, 1) + big(1, 2) - big(1, 1)
+
+    def _costs(self):
+        if self.costs is None:
+            return (lambda rows, tokens: 0.1 * rows), (lambda rows, tokens: 1.0 + 0.01 * (tokens - 1))
+        return self.costs.models[0], self.costs.models[1]
 
     def _token_cost(self, k: int, big_rows: int) -> float:
         """Seconds one cycle costs this request. Without drafts (k = 0) the request rides the big
@@ -180,9 +187,7 @@ class DraftTuner:
         it pays its share of one; with drafts it pays a small step per draft (plus the decision after
         the last one, in split mode) and a big step over k + 1 positions of its own, as drafting
         requests verify at different steps."""
-        small, big = ((lambda rows, tokens: 0.1 * rows), (lambda rows, tokens: 1.0 + 0.01 * (tokens - 1))) \
-            if self.costs is None else (self.costs.models[0], self.costs.models[1])
+        small, big = self._costs()
         if k == 0:
             return small(1, 1) + big(big_rows, big_rows) / big_rows
         return (k + self.decisions) * small(1, 1) + big(1, k + 1)
-

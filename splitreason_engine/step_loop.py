@@ -35,10 +35,11 @@ class StepLoop:
     """Runs the engine's steps over the live requests of `book`."""
 
     def __init__(self, scheduler, runners: list[ModelRunner], book: RequestBook, stats: EngineStats, clock, policy,
-                 sample_op, detect_tables: DetectTables, real_vocab: list[int], seed: int, device: torch.device,
+                 sample_op, verify_op, detect_tables: DetectTables, real_vocab: list[int], seed: int, device: torch.device,
                  max_model_len: int, overlap: bool):
         self.scheduler, self.runners, self.book, self.stats, self.clock = scheduler, runners, book, stats, clock
-        self.policy, self.sample_op, self.detect_tables, self.real_vocab = policy, sample_op, detect_tables, real_vocab
+        self.policy, self.sample_op, self.verify_op = policy, sample_op, verify_op
+        self.detect_tables, self.real_vocab = detect_tables, real_vocab
         self.device, self.max_model_len, self.overlap = device, max_model_len, overlap
         self.requests = book.live
         self.counts = scheduler.counts().reshape(len(runners), _C.NUM_COUNT_FIELDS)
@@ -114,7 +115,7 @@ class StepLoop:
         if groups:
             index = to_device(np.array(verify_rows, dtype=np.int64), logits.device)
             verified = (verifying, groups, verify(logits.index_select(0, index), groups, self.real_vocab[m],
-                                                  self.generator, m))
+                                                  self.generator, m, self.verify_op))
             logits = logits.index_select(0, to_device(np.array(plain_rows, dtype=np.int64), logits.device))
         if not reqs:
             return Batch(m, [], None, verified=verified)
@@ -123,7 +124,8 @@ class StepLoop:
         state_feed = (feed.sample_rows, feed.source.words, feed.state_rows) if feed is not None else None
         tokens, words, logprobs = sample_and_detect(
             logits, [r.params for r in reqs], indices, self.generator, self.real_vocab[m], self.sample_op,
-            [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed, m)
+            [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed, m,
+            with_logprobs=any(r.flow.drafting for r in reqs))
         results = Results.copy_back(tokens, words, logprobs)
         return Batch(m, reqs, results, {row: size for row, (_, size) in fed.items()},
                      draft_probs=self._draft_probs(m, logits, reqs), verified=verified)
@@ -306,7 +308,8 @@ class StepLoop:
     def _plan(self, now: float) -> None:
         """The scheduler plans the step; the co-scheduling policy says whether the big model sits
         it out. A held big model runs after all when nothing else could."""
-        hold = len(self.runners) > 1 and self.policy.hold_big(self.scheduler, now)
+        drafting = {rid for rid, req in self.requests.items() if req.flow.drafting}
+        hold = len(self.runners) > 1 and self.policy.hold_big(self.scheduler, now, drafting)
         self.scheduler.schedule(1 << BIG if hold else 0)
         if hold and not self.counts[:, 0].any():
             hold = False

@@ -19,7 +19,10 @@ The warm-up runs, per model, through a ModelRunner like serving's (the same tens
     per row bucket (1, 2, 4, 8 and 16 rows), and any step of up to 16 tokens, decode or prefill,
     reaches one;
   - the sampler on the logits of those steps: greedy, temperature, top-k, top-p, both, logprobs,
-    logit bias, tag detection on and off, and stop-id widths 0, 1, 3 and 40.
+    logit bias, tag detection on and off, and stop-id widths 0, 1, 3 and 40;
+  - the speculative verify op (ops.verify_rows), once, on the logits of the step that sampled the
+    most rows, as speculation.verify calls it: every kind of row above, with a draft and without
+    (its one variant per model depends on no step's shape).
 Every step is a padding step: every slot is -1, so nothing is written into the KV pool; the
 block tables point at page 0, which attention only reads (the outputs are thrown away). The
 shapes are clipped to the engine's limits (max_num_seqs, max_num_batched_tokens, max_model_len),
@@ -37,6 +40,7 @@ import torch
 from .jit import jit_compiles
 from .runner import ModelRunner, StepLink
 from .sampling import DetectTables, SamplingParams, sample_and_detect
+from .speculation import VerifyGroup, verify
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,17 @@ def _sampling_rows(n: int, turn: int, real_vocab: int, detect: bool):
     return params, list(range(n)), states, stops
 
 
+def _verify(logits: torch.Tensor, real_vocab: int, generator: torch.Generator, op) -> None:
+    """speculation.verify over `logits`' rows as the step loop calls it: groups of up to four rows
+    (the drafts and the row after them), the sampling kinds taking turns by group."""
+    size = min(4, logits.shape[0])
+    params = _sampling_rows(logits.shape[0] // size, 0, real_vocab, False)[0]
+    q = torch.full((real_vocab,), 1 / real_vocab, device=logits.device)
+    groups = [VerifyGroup(p, [(size * g + i) % real_vocab for i in range(size - 1)],
+                          None if p.greedy else [q] * (size - 1), 0) for g, p in enumerate(params)]
+    verify(logits[: size * len(groups)], groups, real_vocab, generator, 0, op)
+
+
 @torch.inference_mode()
 def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num_batched_tokens: int,
                     max_model_len: int, real_vocab: int, detect_tables: "DetectTables | None" = None,
@@ -118,8 +133,8 @@ def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num
     """Launches every Triton kernel variant that serving `model` can reach (see the module doc).
 
     `kv_caches`: the model's per-layer (k, v) views of the KV pool (KVPool.kv_caches[i]); nothing is
-    written into them. `ops`: the engine's op set (its sample_and_detect is warmed up; the model
-    holds the others). `real_vocab`: the ids the sampler may pick (Engine.real_vocab[i]);
+    written into them. `ops`: the engine's op set (its sample_and_detect and verify_rows are warmed
+    up; the model holds the others). `real_vocab`: the ids the sampler may pick (Engine.real_vocab[i]);
     `detect_tables`: the engine's DetectTables (None, or the stand-in of an engine without a
     detector: no row detects). `block_table_width`: the scheduler's max_pages_per_seq for the model (default
     ceil(max_model_len / page_tokens)). Call it after the KV pool exists and before CUDA-graph
@@ -142,6 +157,7 @@ def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     num_steps = num_samples = 0
+    widest = None  # the logits of the step that sampled the most rows: the verify op's input
     for step in warmup_steps(page_tokens, max_num_seqs, max_num_batched_tokens, max_model_len):
         lens = [1] * len(step.decode_lens) + [length for length, _ in step.chunks]
         contexts = list(step.decode_lens) + [length + prefix for length, prefix in step.chunks]
@@ -163,6 +179,10 @@ def warm_up_kernels(model, kv_caches, ops, device, *, max_num_seqs: int, max_num
             sample_and_detect(logits, params, indices, generator, real_vocab, ops.sample_and_detect, states,
                               tables, stops)
             num_samples += 1
+            if widest is None or len(rows) > widest.shape[0]:
+                widest = logits
+    if widest is not None:
+        _verify(widest, real_vocab, generator, ops.verify_rows)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     report = WarmupReport(time.perf_counter() - start, num_steps, num_samples, jit_compiles() - compiled)

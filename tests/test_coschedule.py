@@ -75,15 +75,19 @@ def test_seeded_sampling_is_the_same_under_every_policy(pair, oracle):
 @settings(max_examples=examples(5), deadline=None)
 @given(modes=st.lists(st.sampled_from(["split", "random", "big", "small"]), min_size=3, max_size=12),
        abort_at=st.lists(st.integers(0, 60), min_size=12, max_size=12),
-       bound=st.integers(0, 6), min_share=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
-def test_gather_workload_finishes_with_bounded_waits_and_no_leaks(pair, modes, abort_at, bound, min_share, seed):
-    """Random modes and aborts under `gather`: after every step the scheduler's invariants hold; a
-    row that needs the big model waits at most `bound` held steps in a row; every request ends."""
+       bound=st.integers(0, 6), min_share=st.floats(0.05, 1.0), seed=st.integers(0, 1000),
+       speculate=st.sampled_from([0, 3]))
+def test_gather_workload_finishes_with_bounded_waits_and_no_leaks(pair, modes, abort_at, bound, min_share, seed,
+                                                                  speculate):
+    """Random modes and aborts under `gather`, drafting or not: after every step the scheduler's
+    invariants hold; a row that needs the big model waits at most `bound` held steps in a row
+    (rounds waiting for drafting members included); every request ends."""
     engine = _gather_engine(pair)
     engine.use_policy("gather", min_share=min_share, max_wait_steps=bound)
     ids = []
     for i, mode in enumerate(modes):
         params = SamplingParams(temperature=0.8, seed=seed + i, max_tokens=40, mode=mode, switch_chunk=4,
+                                speculate=speculate,
                                 logit_bias={269: 2.0, 270: 2.0})  # <bigmodel>, </bigmodel>: frequent handoffs
         ids.append(engine.add_request(QUESTIONS[i % len(QUESTIONS)], params))
     waited: dict[int, int] = {}
@@ -175,6 +179,41 @@ def test_auto_follows_the_step_costs():
     assert isinstance(make_policy("auto", compute_bound), EagerPolicy)
     assert make_policy("gather", None, min_share=0.5, max_wait_steps=3).describe() == {
         "policy": "gather", "min_share": 0.5, "max_wait_steps": 3, "max_wait_s": None}
+
+
+class _Ready:
+    """The two questions a policy asks the scheduler."""
+
+    def __init__(self, waiting: list[int], small_rows: int):
+        self.waiting, self.small_rows = waiting, small_rows
+
+    def ready_requests(self, model):
+        return list(self.waiting)
+
+    def ready_rows(self, model):
+        return self.small_rows
+
+
+def test_a_round_waits_for_its_drafting_members_within_the_bound():
+    """Members drafting for a verify keep the round and hold its big step until they wait too, so
+    they verify together; at most max_wait_steps held steps; a member that neither waits nor drafts
+    leaves, and a round of members that only wait runs every step."""
+    policy = GatherPolicy(min_share=0.5, max_wait_steps=2)
+    assert not policy.hold_big(_Ready([1, 2], 2), 0.0, set())  # half the rows wait: a round of {1, 2}
+    policy.observe(True)
+    assert policy.hold_big(_Ready([2], 3), 1.0, {1})  # 1 drafts: 2 waits for it
+    policy.observe(False)
+    assert not policy.hold_big(_Ready([1, 2], 2), 2.0, set())  # both wait: one verify step for both
+    policy.observe(True)
+    held = 0
+    while policy.hold_big(_Ready([1], 3), 3.0 + held, {2}):  # 2 keeps drafting: the bound ends the wait
+        policy.observe(False)
+        held += 1
+    assert held == 2
+    policy.observe(True)
+    assert not policy.hold_big(_Ready([2], 3), 9.0, set())  # 1 left the round; 2 still waits: it runs
+    policy.observe(True)
+    assert policy.hold_big(_Ready([3], 9), 10.0, set())  # the round is over: a lone waiter is held again
 
 
 def test_a_calibration_file_chooses_the_policy_without_timing(pair):

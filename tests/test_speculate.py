@@ -115,6 +115,27 @@ def test_auto_drafts_more_when_drafts_are_kept_and_none_when_they_are_not():
     assert DraftTuner(3, costs).next_k() == 3 and DraftTuner(8, costs, max_drafts=5).next_k() == 5
 
 
+def test_auto_stops_drafting_once_the_drafts_so_far_are_unlikely_to_be_kept():
+    """Per draft, auto drafts on while the estimated chance that every draft so far is kept (the
+    small model's probabilities, calibrated by how often its drafts were kept) pays for a small
+    step; a fixed k drafts on regardless."""
+    costs = StepCosts.load(H200_COSTS)
+    tuner = DraftTuner("auto", costs)
+    for _ in range(20):
+        tuner.observe(3, True, [0.9, 0.9, 0.9, 0.2])  # calibrated: confident drafts are kept
+    assert tuner.next_k() == 8
+    assert all(tuner.keep_drafting(0.95) for _ in range(3))
+    assert not tuner.keep_drafting(0.05)
+    tuner.next_k()  # a new cycle starts from certainty
+    assert tuner.keep_drafting(0.9)
+    overconfident = DraftTuner("auto", costs)
+    for _ in range(20):
+        overconfident.observe(0, True, [0.9])  # confident drafts rejected: the estimate scales down
+    overconfident.accepted = overconfident.rejected = 1.0  # whatever next_k would say
+    assert not overconfident.keep_drafting(0.9)
+    assert all(DraftTuner(3, costs).keep_drafting(0.01) for _ in range(5))
+
+
 # ---- greedy: the engine against the protocol oracle -------------------------------------------
 
 
@@ -173,6 +194,21 @@ def test_drafting_with_tags_spanning_tokens_matches_the_oracle(text_pair, tmp_pa
     assert sum(o.metrics.handoffs for o in outs) >= 6
     drafted, kept = _drafting_stats(outs, "split")
     assert drafted > 0 and kept > 0
+
+
+@pytest.mark.interpreter
+def test_drafting_with_the_triton_sampler_and_verify_kernels_matches_the_oracle(near_pair, near_oracle):
+    """The fused sampler and verify kernels (interpreted) in the step loop, the model on the PyTorch
+    ops (the Triton forward is covered by test_cuda_path): greedy split, random and big requests with
+    drafting equal the oracle."""
+    from splitreason_engine.kernels.sample_triton import sample_and_detect
+    from splitreason_engine.kernels.verify_triton import verify_rows
+
+    engine = Engine(*near_pair, kv_cache_bytes=1 << 24, max_model_len=256, speculate=3, progress=False)
+    engine.loop.sample_op, engine.loop.verify_op = sample_and_detect, verify_rows
+    outs = check_against_oracle(engine, near_oracle, [r for r in mixed_requests(near_oracle) if r.mode != "small"])
+    drafted, kept = _drafting_stats(outs, "split")
+    assert kept > 0 and sum(o.metrics.draft_tokens for o in outs) > drafted
 
 
 def test_auto_with_h200_costs_drafts_and_matches_the_oracle(near_pair, near_oracle):

@@ -81,6 +81,12 @@ def hybrid_ops() -> Ops:
             g.copy_(r)
         return got
 
+    def verify_rows(*args, **kwargs):
+        got = tr.verify_rows(*args, **kwargs)
+        for g, r in zip(got, ref.verify_rows(*args, **kwargs)):
+            g.copy_(r)
+        return got
+
     def linear(x, weight, bias=None, residual=None):
         return tr.linear(x, weight, bias, residual).copy_(ref.linear(x, weight, bias, residual))
 
@@ -89,12 +95,13 @@ def hybrid_ops() -> Ops:
             ref.silu_mul_linear(gate_up, weight, bias, residual))
 
     return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, decode_attention, extend_attention, silu_and_mul,
-               sample_and_detect, linear, silu_mul_linear, tr.begin_forward)
+               sample_and_detect, verify_rows, linear, silu_mul_linear, tr.begin_forward)
 
 
 def use_ops(engine: Engine, ops: Ops) -> None:
-    """Puts `ops` in every module of every model, and in the engine (its sampler)."""
+    """Puts `ops` in every module of every model, and in the engine (its sampler and verify op)."""
     engine.ops = ops
+    engine.loop.sample_op, engine.loop.verify_op = ops.sample_and_detect, ops.verify_rows
     for model in engine.models:
         for module in model.modules():
             if hasattr(module, "ops"):
@@ -128,7 +135,7 @@ def test_warmup_covers_every_variant_serving_launches(pair, monkeypatch):
     recorder.install(monkeypatch.setattr)
     seqs, tokens = 64, 96
     engine = Engine(*pair, kernels="torch", kv_cache_bytes=1 << 24, max_model_len=384, page_tokens=7,
-                    max_num_seqs=seqs, max_num_batched_tokens=tokens, catch_up="eager", progress=False)
+                    max_num_seqs=seqs, max_num_batched_tokens=tokens, catch_up="eager", speculate=3, progress=False)
     use_ops(engine, hybrid_ops())
 
     reports = warm_up(engine, seqs, tokens)
@@ -144,9 +151,11 @@ def test_warmup_covers_every_variant_serving_launches(pair, monkeypatch):
     outs = mixed_workload(engine, tags)
     assert all(o.error is None for o in outs)
     assert sum(o.metrics.handoffs for o in outs) > 0 and any(o.metrics.big_tokens for o in outs)
+    assert sum(o.metrics.draft_tokens for o in outs) > 0  # the verify op ran while serving
     assert recorder.launches["serve"] > 5 * recorder.launches["warmup"]
 
     served = {name: {k for p, k in keys if p == "serve"} for name, keys in recorder.keys.items()}
+    assert {name for name, keys in served.items() if keys} == KERNELS, f"serving launched {sorted(served)}"
     missing = {name: sorted(keys - warm.get(name, set())) for name, keys in served.items() if keys - warm.get(name, set())}
     assert not missing, "variants launched while serving that the warm-up never launched:\n" + json.dumps(
         missing, indent=1)[:6000]

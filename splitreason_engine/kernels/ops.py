@@ -19,6 +19,7 @@ from .norms import add_rms_norm_ref, rms_norm_ref
 from .paged_attention import paged_decode_attention_ref, paged_extend_attention_ref
 from .rope import rope_store_kv_ref
 from .sample import sample_and_detect_ref
+from .verify import verify_rows_ref
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -33,6 +34,7 @@ class Ops:
     extend_attention: Callable  # (..., seq_lens, scale, max_query_len): the host knows the longest chunk
     silu_and_mul: Callable
     sample_and_detect: Callable
+    verify_rows: Callable  # speculative decoding: decides each verify row (kernels/verify.py)
     linear: Callable  # (x, weight, bias=None, residual=None): the projections
     silu_mul_linear: Callable  # (gate_up, weight, bias=None, residual=None): SwiGLU + down projection
     # (device): called at the start of every forward pass, inside a captured CUDA graph too. The
@@ -51,7 +53,8 @@ def _nothing_to_reset(device: torch.device) -> None:
 
 
 TORCH_OPS = Ops("torch", rms_norm_ref, add_rms_norm_ref, rope_store_kv_ref, paged_decode_attention_ref, _extend_ref,
-                silu_and_mul_ref, sample_and_detect_ref, linear_ref, silu_mul_linear_ref, _nothing_to_reset)
+                silu_and_mul_ref, sample_and_detect_ref, verify_rows_ref, linear_ref, silu_mul_linear_ref,
+                _nothing_to_reset)
 
 
 def triton_ops() -> Ops:
@@ -61,9 +64,10 @@ def triton_ops() -> Ops:
     from .paged_attention_triton import paged_decode_attention, paged_extend_attention, reset_decode_counters
     from .rope_triton import rope_store_kv
     from .sample_triton import sample_and_detect
+    from .verify_triton import verify_rows
 
     return Ops("triton", rms_norm, add_rms_norm, rope_store_kv, paged_decode_attention, paged_extend_attention,
-               silu_and_mul, sample_and_detect, linear, silu_mul_linear, reset_decode_counters)
+               silu_and_mul, sample_and_detect, verify_rows, linear, silu_mul_linear, reset_decode_counters)
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:

@@ -274,6 +274,29 @@ def _statistics_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, 
 
 
 @triton.jit
+def _pivot_weights(row, row_len, start0, end, lo, pivots, m, inv_t, mass, SEARCH_BLOCK: tl.constexpr,
+                   PIVOTS: tl.constexpr):
+    """Over ids [start0, end) whose key is >= lo: the weight at or above each pivot key, and in all;
+    a weight is 1 (top-k) or, with `mass`, exp((x - m) * inv_t) (top-p). Reduced once per call."""
+    lanes = tl.arange(0, SEARCH_BLOCK)
+    acc = tl.zeros([SEARCH_BLOCK, PIVOTS], tl.float32)
+    tot = tl.zeros([SEARCH_BLOCK], tl.float32)
+    for start in range(start0, end, SEARCH_BLOCK):
+        offs = start + lanes
+        valid = offs < end
+        x = _load(row, offs, valid, row_len)
+        kx = _key(x)
+        keep = valid & (kx >= lo)
+        if mass:
+            w = tl.where(keep, tl.exp((x - m) * inv_t), 0.0)
+        else:
+            w = tl.where(keep, 1.0, 0.0)
+        acc += tl.where(kx[:, None] >= pivots[None, :], w[:, None], 0.0)
+        tot += w
+    return tl.sum(acc, axis=0), tl.sum(tot, axis=0)
+
+
+@triton.jit
 def _search_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, ri, count_ptr, r, num_chunks, real_vocab, k, p, inv_t, key_lo, key_hi, use_k, use_p, plain, det_ptr, next_ptr, next_stride, flags_ptr, flags_stride, closing_ptr, stop_ptr, stop_stride, num_stops, tok_ptr, word_ptr, lp_ptr,
         BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PW: tl.constexpr, CB: tl.constexpr, STOPS: tl.constexpr):
     """Phase 1, once per search pass: each chunk's kept weight at every pivot; the last chunk narrows the row's threshold interval."""
@@ -286,23 +309,9 @@ def _search_phase(row, row_len, start0, end, lanes, pf_row, pi_row, pf, pi, rf, 
         lo64 = lo.to(tl.int64)
         step = (tl.arange(0, PIVOTS) + 1).to(tl.int64)
         pivots = (lo64 + ((hi.to(tl.int64) - lo64) * step + (PIVOTS - 1)) // PIVOTS).to(tl.int32)
-        slanes = tl.arange(0, SEARCH_BLOCK)
-        acc = tl.zeros([SEARCH_BLOCK, PIVOTS], tl.float32)  # reduced once per program
-        tot = tl.zeros([SEARCH_BLOCK], tl.float32)
-        for start in range(start0, end, SEARCH_BLOCK):
-            offs = start + slanes
-            valid = offs < end
-            x = _load(row, offs, valid, row_len)
-            kx = _key(x)
-            keep = valid & (kx >= lo)
-            if mass:
-                w = tl.where(keep, tl.exp((x - m) * inv_t), 0.0)
-            else:
-                w = tl.where(keep, 1.0, 0.0)
-            acc += tl.where(kx[:, None] >= pivots[None, :], w[:, None], 0.0)
-            tot += w
-        tl.store(pf + tl.arange(0, PIVOTS), tl.sum(acc, axis=0))
-        tl.store(pf + PIVOTS, tl.sum(tot, axis=0))
+        weights, total = _pivot_weights(row, row_len, start0, end, lo, pivots, m, inv_t, mass, SEARCH_BLOCK, PIVOTS)
+        tl.store(pf + tl.arange(0, PIVOTS), weights)
+        tl.store(pf + PIVOTS, total)
         if _last(count_ptr + r, num_chunks):
             weights = tl.zeros([PIVOTS], tl.float32)
             total = 0.0
