@@ -308,8 +308,8 @@ class StepLoop:
     def _plan(self, now: float) -> None:
         """The scheduler plans the step; the co-scheduling policy says whether the big model sits
         it out. A held big model runs after all when nothing else could."""
-        drafting = {rid for rid, req in self.requests.items() if req.flow.drafting}
-        hold = len(self.runners) > 1 and self.policy.hold_big(self.scheduler, now, drafting)
+        hold = len(self.runners) > 1 and self.policy.hold_big(
+            self.scheduler, now, {rid for rid, req in self.requests.items() if req.flow.drafting})
         self.scheduler.schedule(1 << BIG if hold else 0)
         if hold and not self.counts[:, 0].any():
             hold = False
