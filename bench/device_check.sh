@@ -12,12 +12,14 @@
 #   4. bench/gpu_decode.py (engine vs Hugging Face decode, bandwidth floor);
 #   5. bench/split_batch.py (1.5B + 32B in one engine, dummy weights: every mode at batch 1, 16 and 64
 #      under each co-scheduling policy; JIT compiles after start-up);
-#   6. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer, sampler, GEMV);
-#   7. bench/tune_kernels.py (sweeps the kernels' launch parameters in what is left of the budget and
+#   6. bench/verify_costs.py (drafting's verify steps, k = 0..8 at 1-64 rows, against the cost model
+#      bench/speculate.py simulates with);
+#   7. bench/gpu_kernels.py (copy/matmul ceilings, decode attention per layer, sampler, GEMV);
+#   8. bench/tune_kernels.py (sweeps the kernels' launch parameters in what is left of the budget and
 #      writes splitreason_engine/kernels/configs/<card>.json, copied to $OUT: commit it);
-#   8. bench/mixed_steps.py, only when DEVICE_CHECK_STEPS names it.
-# DEVICE_CHECK_STEPS picks steps (default: "pytest memcheck initcheck gpu_decode split_batch gpu_kernels
-# tune"). Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 470 s), its
+#   9. bench/mixed_steps.py, only when DEVICE_CHECK_STEPS names it.
+# DEVICE_CHECK_STEPS picks steps (default: "pytest memcheck initcheck gpu_decode split_batch verify_costs
+# gpu_kernels tune"). Each step runs under `timeout` inside one budget (DEVICE_CHECK_BUDGET_S, default 470 s), its
 # cap shortened so the later steps keep a reserve; a failed or timed-out step is recorded and the later
 # steps still run. After every step bench/device_check_report.py merges what exists so far into
 # bench/results/device_check_<card>.json (the benchmarks' JSON sit beside it), and copies all of it to
@@ -40,7 +42,7 @@ if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PY=$VIRTUAL_ENV/bin/python
 else PY=python3; fi
 BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
-STEPS=" ${DEVICE_CHECK_STEPS:-pytest memcheck initcheck gpu_decode split_batch gpu_kernels tune} "
+STEPS=" ${DEVICE_CHECK_STEPS:-pytest memcheck initcheck gpu_decode split_batch verify_costs gpu_kernels tune} "
 BUILD_MODE=${DEVICE_CHECK_BUILD:-auto}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -69,8 +71,9 @@ KERNELS_JSON=$RESULTS/gpu_kernels_$SLUG.json
 DECODE_JSON=$RESULTS/gpu_decode_$SLUG.json
 MIXED_JSON=$RESULTS/mixed_steps_$SLUG.json
 SPLIT_JSON=$RESULTS/split_batch_$SLUG.json
+VERIFY_JSON=$RESULTS/verify_costs_$SLUG.json
 MERGED_JSON=$RESULTS/device_check_$SLUG.json
-rm -f "$TUNE_JSON" "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON" "$SPLIT_JSON"  # a stale file must not pass for this run's result
+rm -f "$TUNE_JSON" "$KERNELS_JSON" "$DECODE_JSON" "$MIXED_JSON" "$SPLIT_JSON" "$VERIFY_JSON"  # a stale file must not pass for this run's result
 
 # Seconds a step may take: its cap, or less so the later steps keep `reserve` seconds of the budget.
 step_timeout() {
@@ -161,6 +164,7 @@ EOF
 MERGE_PY=$PY
 "$MERGE_PY" -c "pass" 2> /dev/null || MERGE_PY=python3
 export DC_STATUS=$STATUS DC_KERNELS=$KERNELS_JSON DC_DECODE=$DECODE_JSON DC_SPLIT=$SPLIT_JSON DC_TUNE=$TUNE_JSON \
+    DC_VERIFY=$VERIFY_JSON \
     DC_MERGED=$MERGED_JSON DC_STEPS="$STEPS" DC_PYTEST_LOG=$LOGS/pytest.log DC_LOGS=$LOGS DC_SMOKE=$SMOKE \
     DC_START=$START DC_SLUG=$SLUG
 
@@ -208,6 +212,7 @@ done
 run_step gpu_decode 120 170 "$PY" bench/gpu_decode.py "${SMOKE_FLAG[@]}" --json "$DECODE_JSON"
 if [[ $SMOKE == 1 ]]; then SPLIT_ARGS=(--device cpu --batches 1 2 --tokens 32 --hidden 128 --big-layers 2); else SPLIT_ARGS=(); fi
 run_step split_batch 150 60 "$PY" bench/split_batch.py "${SPLIT_ARGS[@]}" --json "$SPLIT_JSON"
+run_step verify_costs 90 30 "$PY" bench/verify_costs.py "${SMOKE_FLAG[@]}" --json "$VERIFY_JSON"
 run_step gpu_kernels 60 30 "$PY" bench/gpu_kernels.py "${SMOKE_FLAG[@]}" --json "$KERNELS_JSON"
 run_step mixed_steps 60 30 "$PY" bench/mixed_steps.py "${SMOKE_FLAG[@]}" --json "$MIXED_JSON"
 # The sweep gets what is left of the budget: its own --budget-s is its timeout less 15 s.

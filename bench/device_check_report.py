@@ -58,6 +58,7 @@ def merge(env: dict) -> dict:
                                                               stress or "")}},
         "sanitizers": {tool: pytest_summary(f"{env['DC_LOGS']}/{tool}.log") for tool in ("memcheck", "initcheck")},
         "gpu_decode": decode, "split_batch": split, "gpu_kernels": kernels, "tune_kernels": load(env["DC_TUNE"]),
+        "verify_costs": load(env["DC_VERIFY"]),
         "targets": [t for bench in (decode, kernels, split) for t in (bench or {}).get("targets", [])],
     }
 
@@ -97,7 +98,7 @@ def print_table(merged: dict, env: dict) -> None:
             ratio = f"{r['ref_over_kernel']:.1f}" if "ref_over_kernel" in r else "-"
             print(f"  {r['case']:<22} {r['us_best']:>8.1f} {r['copy_fraction']:>8.1%} {ratio:>8} "
                   f"{r['rel_err_vs_fp32']:>8.1e}{'' if r['correct'] else '  WRONG'}")
-    for name in ("gpu_decode", "split_batch", "gpu_kernels", "tune_kernels"):
+    for name in ("gpu_decode", "split_batch", "verify_costs", "gpu_kernels", "tune_kernels"):
         if merged[name] is None and f" {name.replace('tune_kernels', 'tune')} " in env["DC_STEPS"]:
             print(f"  {name}: no JSON (the step failed, timed out or did not start: see its log)")
     print("  targets (issue 13: decode and kernels; issue 12: split mode in a batch):")
@@ -122,7 +123,7 @@ def main() -> None:
     out.write_text(json.dumps(merged, indent=2) + "\n")
     if env.get("OUT"):
         shutil.copy(out, Path(env["OUT"]) / out.name)
-        for key in ("DC_KERNELS", "DC_DECODE", "DC_SPLIT", "DC_TUNE"):
+        for key in ("DC_KERNELS", "DC_DECODE", "DC_SPLIT", "DC_VERIFY", "DC_TUNE"):
             if Path(env[key]).is_file():
                 shutil.copy(env[key], Path(env["OUT"]) / Path(env[key]).name)
     if args.table:

@@ -77,3 +77,9 @@ def test_speculate_bench_checks_greedy_tokens_and_writes_its_keys(tmp_path):
         assert row["tok_s_on"]["repeats"] >= 3 and row["big_steps_per_offloaded_token"] > 0
         assert row["latency_per_offloaded_token_ratio"] > 0
     assert {"split_b1", "split_b4", "big_b1", "latency_per_offloaded_token_b1"} <= set(r["simulated_h200"])
+
+
+def test_verify_costs_times_every_shape_against_the_model(tmp_path):
+    r = smoke("verify_costs", tmp_path)
+    assert [(s["rows"], s["k"]) for s in r["shapes"]] == [(rows, k) for rows in (1, 4) for k in range(3)]
+    assert all(s["measured_s"] > 0 and s["modelled_s"] > 0 for s in r["shapes"])
