@@ -132,12 +132,12 @@ def test_a_failed_forward_pass_fails_its_batch_and_the_engine_goes_on(engine, or
 def test_a_sampler_that_raises_fails_the_rows_it_was_sampling(engine, oracle, monkeypatch):
     sample, calls, batch = step_loop_module.sample_and_detect, [0], []
 
-    def once(logits, params, *args):
+    def once(logits, params, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 6:
             batch.append(len(params))
             raise ValueError("injected sampler fault")
-        return sample(logits, params, *args)
+        return sample(logits, params, *args, **kwargs)
 
     monkeypatch.setattr(step_loop_module, "sample_and_detect", once)
     reqs, outs = run_mixed(engine, oracle)

@@ -219,12 +219,18 @@ def test_params_are_those_of_the_plain_loop(pair, oracle):
     assert_clean(engine)
 
 
-def test_non_finite_logits_fail_only_their_request_when_overlapped(pair, oracle, monkeypatch):
+@pytest.mark.parametrize("policy,kept", [(dict(coschedule="eager"), 3),
+                                         (dict(coschedule="gather", gather_min_share=1.0, max_big_wait_steps=50), 4)])
+def test_non_finite_logits_fail_only_their_request_when_overlapped(pair, oracle, monkeypatch, policy, kept):
     """The sampler flags a row with a NaN logit (NONFINITE); the token it still picks may already
-    feed the step launched ahead, whose row for that request is then dropped with the request."""
+    feed the step launched ahead, whose row for that request is then dropped with the request.
+    The poison goes into the victim's first step once the host has 3 of its tokens. Under `eager`
+    that step samples its 4th token; under a `gather` that holds the big model, steps launch ahead
+    where eager's do not, and that step samples the 5th (the 4th, computed before, is kept). The
+    policy is pinned: `auto` picks one from step costs timed at start-up."""
     reqs = mixed_requests(oracle)
     prompts, params = [r.question for r in reqs], [params_for(r) for r in reqs]
-    kwargs = dict(kv_cache_bytes=1 << 24, max_model_len=256, progress=False)
+    kwargs = dict(kv_cache_bytes=1 << 24, max_model_len=256, progress=False, **policy)
     plain = Engine(*pair, overlap=False, **kwargs).generate(prompts, params, use_tqdm=False)
     engine = Engine(*pair, overlap=True, **kwargs)
     runner, victim = engine.runners[0], 8  # the first small-mode request (mixed_requests order)
@@ -243,7 +249,7 @@ def test_non_finite_logits_fail_only_their_request_when_overlapped(pair, oracle,
     outs = engine.generate(prompts, params, use_tqdm=False)
     for i, (a, b) in enumerate(zip(plain, outs)):
         if i == victim:
-            assert b.finish_reason == "error" and "not finite" in b.error and b.token_ids == a.token_ids[:3]
+            assert b.finish_reason == "error" and "not finite" in b.error and b.token_ids == a.token_ids[:kept]
         else:
             assert (b.token_ids, b.token_models, b.finish_reason) == (a.token_ids, a.token_models, a.finish_reason)
     assert_clean(engine)
