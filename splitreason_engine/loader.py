@@ -1,7 +1,8 @@
 """Builds a model from a Hugging Face checkpoint folder, or with random weights (`dummy`).
 
 With tensor parallelism each rank reads only its slice of each checkpoint tensor
-(parallel.shard_of), and its dummy weights are the slices of the full dummy weights."""
+(parallel.shard_of), and its dummy weights are the slices of the full dummy weights; the
+vocabulary's padding rows (past its end) are zeros in both."""
 
 import json
 import logging
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import ModelConfig
 from .kernels.ops import TORCH_OPS, Ops
 from .models import CausalLM
-from .parallel import TPGroup, shard_of, take
+from .parallel import TPGroup, pad, shard_of, take
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def load_weights(model: CausalLM, folder: Path, progress: bool = True) -> None:
                     )
                 index = tuple(slice(None) if piece is None or d != piece.dim else
                               slice(piece.start, piece.start + piece.size) for d in range(len(shape)))
-                dest.copy_(lazy[index])
+                dest.copy_(pad(lazy[index], piece))
                 loaded.add(name.removeprefix("model."))
     bar.close()
     missing = sorted(set(_checkpoint_names(model)) - loaded)

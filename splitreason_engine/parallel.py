@@ -29,15 +29,22 @@ class TPFailure(RuntimeError):
 
 
 def check_divisible(c: ModelConfig, world: int, source: str) -> None:
-    """Refuses, by name, a model whose heads, KV heads, intermediate size or vocabulary `world` ranks cannot split."""
-    for name, value in (("num_attention_heads", c.num_heads), ("intermediate_size", c.intermediate_size),
-                        ("vocab_size", c.vocab_size)):
+    """Refuses, by name, a model whose heads, KV heads or intermediate size `world` ranks cannot split
+    (any vocabulary splits: see vocab_per_rank)."""
+    for name, value in (("num_attention_heads", c.num_heads), ("intermediate_size", c.intermediate_size)):
         if value % world:
             raise ValueError(f"{source}: {name} {value} is not divisible by tensor_parallel_size {world}")
     kv = c.num_kv_heads
     if (kv >= world and kv % world) or (kv < world and world % kv):
         raise ValueError(f"{source}: num_key_value_heads {kv} and tensor_parallel_size {world}: one must divide "
                          "the other (KV heads are split, or replicated when there are fewer than ranks)")
+
+
+def vocab_per_rank(c: ModelConfig, world: int) -> int:
+    """Rows of the vocabulary-split LM head each rank holds: ceil(vocab / world), so a vocabulary the
+    ranks do not divide (32001, say) still splits; the rows past the vocabulary are zero padding,
+    and their logits are cut off after the all-gather."""
+    return -(-c.vocab_size // world)
 
 
 def local_heads(c: ModelConfig, world: int) -> tuple[int, int]:
@@ -47,19 +54,23 @@ def local_heads(c: ModelConfig, world: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Shard:
-    """A rank's slice of a checkpoint tensor: `size` rows (or columns) from `start` along `dim` of `full`."""
+    """A rank's slice of a checkpoint tensor: `size` rows (or columns) from `start` along `dim` of
+    `full`, then `padding` zero rows (the vocabulary's rows past its end)."""
 
     dim: int
     start: int
     size: int
     full: int
+    padding: int = 0
 
 
 def shard_of(part: str, kind: str, c: ModelConfig, rank: int, world: int) -> "Shard | None":
     """The slice of checkpoint tensor `part`.`kind` (e.g. "k_proj", "bias") rank `rank` holds; None: whole.
 
     Column-parallel (output rows split): q/k/v, gate/up, an untied lm_head; row-parallel (input
-    columns split): o_proj and down_proj weights, whose biases are added once, after the all-reduce."""
+    columns split): o_proj and down_proj weights, whose biases are added once, after the all-reduce.
+    The vocabulary is padded to vocab_per_rank rows a rank: the LM head's and the (replicated)
+    embedding's rows past the vocabulary are zeros, so a tied head's rows are a view of the embedding."""
     if world == 1:
         return None
     q, kv = local_heads(c, world)
@@ -72,9 +83,13 @@ def shard_of(part: str, kind: str, c: ModelConfig, rank: int, world: int) -> "Sh
     if part in ("gate_proj", "up_proj"):
         n = c.intermediate_size // world
         return Shard(0, rank * n, n, c.intermediate_size)
-    if part == "lm_head":
-        n = c.vocab_size // world
-        return Shard(0, rank * n, n, c.vocab_size)
+    if part in ("lm_head", "embed_tokens"):
+        n, v = vocab_per_rank(c, world), c.vocab_size
+        if part == "embed_tokens":
+            return Shard(0, 0, v, v, n * world - v)
+        start = min(rank * n, v)
+        size = min(n, v - start)
+        return Shard(0, start, size, v, n - size)
     if kind == "weight" and part in ("o_proj", "down_proj"):
         full = c.num_heads * d if part == "o_proj" else c.intermediate_size
         n = full // world
@@ -83,7 +98,17 @@ def shard_of(part: str, kind: str, c: ModelConfig, rank: int, world: int) -> "Sh
 
 
 def take(tensor: torch.Tensor, shard: "Shard | None") -> torch.Tensor:
-    return tensor if shard is None else tensor.narrow(shard.dim, shard.start, shard.size)
+    """This rank's part of a one-process tensor, padding included."""
+    return tensor if shard is None else pad(tensor.narrow(shard.dim, shard.start, shard.size), shard)
+
+
+def pad(part: torch.Tensor, shard: "Shard | None") -> torch.Tensor:
+    """A rank's slice with its zero padding rows appended (unchanged where it has none)."""
+    if shard is None or not shard.padding:
+        return part
+    shape = list(part.shape)
+    shape[shard.dim] = shard.padding
+    return torch.cat([part, part.new_zeros(shape)], dim=shard.dim)
 
 
 @dataclass
@@ -102,11 +127,13 @@ class TPGroup:
         dist.all_reduce(x)
         return x
 
-    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's `x` side by side along the last dimension (the vocabulary-split logits)."""
+    def all_gather_last(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """Every rank's `x` side by side along the last dimension, cut to the first `size` columns:
+        the vocabulary-split logits without the padded ids', so they have the one-process shape."""
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=-1)
+        n = x.shape[-1]
+        return torch.cat([p[..., :size - i * n] for i, p in enumerate(parts) if i * n < size], dim=-1)
 
     def broadcast(self, message: torch.Tensor) -> None:
         """Rank 0 sends a host int32 message, after checking that every worker lives and within its

@@ -5,6 +5,7 @@ the KV head its 3 q heads read; the small one splits its 4 KV heads. Each engine
 process (a few seconds), so engines are shared where a test does not break one.
 """
 
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -13,13 +14,22 @@ import time
 import pytest
 import torch
 
-from hf_models import save_tiny
+from hf_models import LogitCapture, save_tiny
 from split_models import PAGE_BYTES, check_against_oracle, mixed_requests
 from splitreason_engine import Engine, EngineBroken, SamplingParams
 from splitreason_engine.loader import ModelSource, build_model, load_config
-from splitreason_engine.parallel import TPGroup
+from splitreason_engine.parallel import TPGroup, check_divisible
 
 TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def odd_vocab(tmp_path_factory) -> tuple:
+    """(untied Llama, tied Qwen2) whose vocabularies 2 ranks do not divide: each rank holds 1000 and
+    1001 rows, the last one padding."""
+    root = tmp_path_factory.mktemp("odd_vocab")
+    return (save_tiny(root / "untied", "llama", "gqa2-h80-bias", seed=5, vocab_size=1999),
+            save_tiny(root / "tied", "qwen2", "mha-tied-1e4", seed=6, vocab_size=2001))
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +106,27 @@ def test_llama_and_qwen3_match_one_process(tmp_path, engines, monkeypatch):
     assert [o.token_ids for o in outs] == expected
 
 
+def test_odd_vocabularies_match_one_process(odd_vocab, engines):
+    """Padded vocabulary splits, untied and tied: greedy and seeded-sampled tokens equal one
+    process's, and the logits keep the one-process shape (the padded ids are cut off, never sampled)."""
+    prompts = [[1998, 0, 1000, 999, 1997], [5, 1001, 2000, 1500, 7, 2, 1996]] * 2  # each row's last ids
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=10, mode=mode)
+              for t, s in ((0, None), (1.0, 7)) for mode in ("small", "big")]
+    kwargs = dict(kv_cache_bytes=1 << 22, max_model_len=64)
+
+    def run(engine: Engine) -> tuple[list, list]:
+        captures = [LogitCapture(m) for m in engine.models]
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        return [o.token_ids for o in outs], [[x.shape for x in c.seen] for c in captures]
+
+    expected, expected_shapes = run(Engine(*odd_vocab, progress=False, **kwargs))
+    tokens, shapes = run(engines(*odd_vocab, **kwargs))
+    assert tokens == expected
+    assert shapes == expected_shapes
+    assert [{shape[-1] for shape in model} for model in shapes] == [{1999}, {2001}]
+    assert tokens[2:] != tokens[:2]  # the same prompts and models, sampled: not the greedy tokens
+
+
 def test_a_killed_worker_breaks_the_engine_with_its_rank_and_exit_code(pair, engines):
     engine = engines(*pair, kv_cache_bytes=1 << 22, max_model_len=128)
     params = SamplingParams(temperature=0, max_tokens=4, mode="small")
@@ -134,6 +165,13 @@ def test_configs_the_ranks_cannot_split_are_refused_by_name(pair, size, named):
         Engine(*pair, kv_cache_bytes=1 << 22, max_model_len=64, tensor_parallel_size=size, progress=False)
 
 
+def test_only_the_vocabulary_is_padded_not_refused(pair):
+    config = load_config(ModelSource(pair[1]))  # 6 heads, 1 KV head, intermediate 216
+    check_divisible(dataclasses.replace(config, vocab_size=32001), 2, "odd vocabulary")
+    with pytest.raises(ValueError, match="intermediate_size 217 is not divisible by tensor_parallel_size 2"):
+        check_divisible(dataclasses.replace(config, intermediate_size=217), 2, "odd")
+
+
 def test_cuda_graphs_are_refused_with_tensor_parallelism(pair):
     with pytest.raises(ValueError, match="cuda_graphs=True is not supported with tensor_parallel_size > 1"):
         Engine(*pair, tensor_parallel_size=2, cuda_graphs=True, progress=False)
@@ -167,6 +205,27 @@ def test_each_rank_holds_the_slices_of_the_one_process_weights(pair, load_format
         assert torch.equal(params["layers.0.mlp.down_proj.weight"],
                            whole["layers.0.mlp.down_proj.weight"][:, r * inter: (r + 1) * inter])
         assert torch.equal(params["embed_tokens.weight"], whole["embed_tokens.weight"])  # replicated
+
+
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
+def test_each_rank_holds_its_padded_rows_of_the_vocabulary(odd_vocab, load_format):
+    """Rank r's LM head is rows [n r, n r + n) of the one-process head (n = ceil(vocab / 2); tied: of
+    the embedding), cut at the vocabulary and padded with zeros; the replicated embedding is padded too."""
+    for folder in odd_vocab:
+        source = ModelSource(folder, load_format)
+        config = load_config(source)
+        v, n = config.vocab_size, (config.vocab_size + 1) // 2
+        models = [build_model(source, config, torch.float32, torch.device("cpu"), 64, seed=5, progress=False, tp=tp)
+                  for tp in (None, TPGroup(0, 2, None), TPGroup(1, 2, None))]
+        whole = models[0]
+        for r, model in enumerate(models[1:]):
+            embed = model.embed_tokens.weight
+            assert embed.shape[0] == 2 * n and torch.equal(embed[:v], whole.embed_tokens.weight)
+            assert not embed[v:].any()
+            head = model.lm_head.weight[model.vocab_rows] if config.tie_word_embeddings else model.lm_head.weight
+            real = min(n, v - r * n)
+            assert head.shape[0] == n and torch.equal(head[:real], whole.lm_head.weight[r * n: r * n + real])
+            assert not head[real:].any()
 
 
 def _children(pid: int) -> list[int]:

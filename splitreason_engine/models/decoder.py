@@ -11,10 +11,12 @@ parameters (the loader and tensor parallelism address them by name); the op set'
 silu_mul_linear runs SwiGLU and the down projection as one op.
 
 With tensor parallelism (`tp`, parallel.py) each rank holds its share: its q heads and the KV
-heads they read, its part of the MLP's intermediate size and of the vocabulary (LM head);
-o_proj and down_proj end in one all-reduce each, the logits in one all-gather: they keep their
-own forward (RowParallelLinear) and the unfused activation. The embedding, norms and rotary table
-are replicated. Without `tp` no distributed call is made.
+heads they read, its part of the MLP's intermediate size and of the vocabulary (LM head,
+padded to ceil(vocab / ranks) rows a rank: parallel.vocab_per_rank); o_proj and down_proj end in
+one all-reduce each, the logits in one all-gather, cut back to the vocabulary: they keep their own
+forward (RowParallelLinear) and the unfused activation. The embedding (padded with zero rows like
+the LM head, so a tied head's rows are a view of it), norms and rotary table are replicated.
+Without `tp` no distributed call is made.
 """
 
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels import rope_cos_sin
 from ..kernels.ops import TORCH_OPS, Ops
-from ..parallel import TPGroup, local_heads
+from ..parallel import TPGroup, local_heads, vocab_per_rank
 
 
 @dataclass
@@ -153,11 +155,11 @@ class CausalLM(nn.Module):
     def __init__(self, c: ModelConfig, max_positions: int, ops: Ops = TORCH_OPS, tp: "TPGroup | None" = None):
         super().__init__()
         self.config, self.tp, self.ops = c, tp, ops
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # Each rank's rows of the (padded) vocabulary; tied, they are a view of the replicated embedding.
+        vocab = vocab_per_rank(c, tp.world_size) if tp else c.vocab_size
+        self.embed_tokens = nn.Embedding(vocab * tp.world_size if tp else vocab, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, ops, tp) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
-        # Each rank's rows of the vocabulary; tied, they are a view of the replicated embedding.
-        vocab = c.vocab_size // (tp.world_size if tp else 1)
         self.vocab_rows = slice(tp.rank * vocab, (tp.rank + 1) * vocab) if tp else slice(None)
         self.lm_head = nn.Linear(c.hidden_size, vocab, bias=False)
         self.tie_weights()
@@ -184,7 +186,8 @@ class CausalLM(nn.Module):
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the selected rows of forward()'s output, in fp32 (with `tp`: on every rank, all of them)."""
+        """Logits of the selected rows of forward()'s output, in fp32 (with `tp`: on every rank, all of
+        them, the padded ids' cut off: [rows, vocab_size] at any rank count)."""
         weight = self.lm_head.weight[self.vocab_rows] if self.config.tie_word_embeddings else self.lm_head.weight
         logits = F.linear(self.norm(hidden), weight).float()
-        return logits if self.tp is None else self.tp.all_gather_last(logits)
+        return logits if self.tp is None else self.tp.all_gather_last(logits, self.config.vocab_size)
