@@ -32,6 +32,7 @@ from .stats import EngineStats
 from .step_loop import EngineBroken, StepLoop
 from .step_costs import StepCosts, WallClock
 from .tags import TagDetector, token_bytes
+from .trace import Trace
 from .tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.ops.name == "triton" and tp_size == 1
         self.clock = clock or WallClock()
+        tracing = config.tracing  # the timeline (trace.py): written at close() and at exit
+        self.trace = None if tracing.trace is None else Trace(tracing.trace, tracing.trace_max_events)
+        self._write_trace = None if self.trace is None else weakref.finalize(self, self.trace.flush)
         self.catch_up, self.seed = config.protocol.catch_up, model.seed
         self.template, self.tags = config.protocol.template, config.protocol.tags
         small, load_format = model.small, model.load_format
@@ -152,16 +156,19 @@ class Engine:
         self._requests = self.book.live
         self.loop = StepLoop(self.scheduler, self.runners, self.book, self.stats, self.clock, policy,
                              self.ops.sample_and_detect, self.ops.verify_rows, self.detect_tables, self.real_vocab, seed, self.device,
-                             max_model_len, self.overlap)
+                             max_model_len, self.overlap, trace=self.trace)
         flows = FlowContext(self.book, self.tokenizer, self.tags, self.detector, self.catch_up, len(self.models),
-                            self.config.protocol.speculate, self.step_costs, min(MAX_SPECULATE, max_num_batched_tokens - 1))
+                            self.config.protocol.speculate, self.step_costs, min(MAX_SPECULATE, max_num_batched_tokens - 1),
+                            trace=self.trace)
         self.intake = RequestIntake(flows, self.template, self.real_vocab, max_model_len, self.eos_token_ids, seed,
                                     self.clock)
 
     def close(self) -> None:
-        """Stops the tensor-parallel workers (also done at exit); nothing to do in one process."""
+        """Stops the tensor-parallel workers and writes the trace, if any (both also done at exit)."""
         if self._close is not None:
             self._close()
+        if self._write_trace is not None:
+            self._write_trace()
 
     # ---- set-up -------------------------------------------------------------------------------
 

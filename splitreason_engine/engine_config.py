@@ -1,7 +1,7 @@
 """The engine's options, each documented and validated once, grouped by concern.
 
-`EngineConfig` holds six frozen parts: the models, the KV cache, the scheduler, co-scheduling,
-tensor parallelism and the SplitReason protocol. `Engine(small, big, **options)` builds one from
+`EngineConfig` holds seven frozen parts: the models, the KV cache, the scheduler, co-scheduling,
+tensor parallelism, the SplitReason protocol and tracing. `Engine(small, big, **options)` builds one from
 its keywords (every field below, by name), `Engine(config=...)` takes one whole, and the CLI's
 flags (`generate`, `serve`, `eval-demo`) are made from the same fields (`add_options`,
 `config_from_args`), so an option is spelled out here and nowhere else. A field's `help` is its
@@ -22,6 +22,7 @@ from .protocol import CATCH_UP_POLICIES, PromptTemplate
 from .sampling import MAX_SPECULATE
 from .step_costs import StepCosts
 from .tags import Tags
+from .trace import DEFAULT_MAX_EVENTS
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -177,8 +178,23 @@ class ProtocolOptions:
             raise ValueError(f"speculate must be 'auto' or an integer in 0..{MAX_SPECULATE}, got {self.speculate!r}")
 
 
+@dataclass(frozen=True)
+class TracingOptions:
+    trace: "str | Path | None" = option(
+        None, "write a timeline of the run to this file: a Chrome / Perfetto trace (JSON; open it in "
+        "ui.perfetto.dev) of each model's steps, each request's phases and handoffs, and the tokens per model; "
+        "written when the engine closes or the process exits, and by engine.trace.write() (docs/tracing.md)",
+        type=Path, metavar="PATH")
+    trace_max_events: int = option(DEFAULT_MAX_EVENTS, "events the trace keeps in memory, the newest (bounds its "
+                                   "memory; the file says how many older ones were dropped)", type=int)
+
+    def __post_init__(self):
+        _positive_int("trace_max_events", self.trace_max_events)
+
+
 PARTS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
-         "coschedule": CoscheduleOptions, "parallel": ParallelOptions, "protocol": ProtocolOptions}
+         "coschedule": CoscheduleOptions, "parallel": ParallelOptions, "protocol": ProtocolOptions,
+         "tracing": TracingOptions}
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,7 @@ class EngineConfig:
     coschedule: CoscheduleOptions = field(default_factory=CoscheduleOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
     protocol: ProtocolOptions = field(default_factory=ProtocolOptions)
+    tracing: TracingOptions = field(default_factory=TracingOptions)
 
     def __post_init__(self):
         tp, sched = self.parallel.tensor_parallel_size, self.scheduler

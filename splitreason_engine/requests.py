@@ -16,6 +16,7 @@ from .stats import EngineStats
 from .step_costs import StepCosts
 from .tags import TagDetector, Tags
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .trace import Trace
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class FlowContext:
     speculate: "int | str" = 0  # the engine's default drafting: "auto" or the most drafts per big step
     costs: "StepCosts | None" = None  # step costs, for "auto"
     max_drafts: int = 8  # drafts one big step may verify (its sampled tail must fit the token budget)
+    trace: "Trace | None" = None  # the engine's timeline, if it keeps one: each phase and handoff
 
 
 class Flow(ABC):
@@ -245,6 +247,8 @@ class Flow(ABC):
 
     def finish(self, now: float) -> None:
         self._time(self.timer, now)
+        if self.ctx.trace is not None:
+            self.ctx.trace.finished(self.req.id, now, self.req.metrics)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -252,6 +256,8 @@ class Flow(ABC):
         """Charges the time since the last switch to the current phase, then switches."""
         m = self.req.metrics
         setattr(m, f"{self.timer}_time", getattr(m, f"{self.timer}_time") + now - self.since)
+        if self.ctx.trace is not None:  # a switch into catch_up is a handoff
+            self.ctx.trace.phase(self.req.id, self.timer, self.since, now, timer, m)
         self.timer, self.since = timer, now
 
     def _idle_run(self) -> int:

@@ -21,6 +21,7 @@ from .runner import ModelRunner
 from .sampling import DetectTables, sample_and_detect, to_device
 from .speculation import draft_distribution, verify
 from .stats import EngineStats
+from .trace import Trace
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ class StepLoop:
 
     def __init__(self, scheduler, runners: list[ModelRunner], book: RequestBook, stats: EngineStats, clock, policy,
                  sample_op, verify_op, detect_tables: DetectTables, real_vocab: list[int], seed: int, device: torch.device,
-                 max_model_len: int, overlap: bool):
+                 max_model_len: int, overlap: bool, trace: "Trace | None" = None):
         self.scheduler, self.runners, self.book, self.stats, self.clock = scheduler, runners, book, stats, clock
+        self.trace = trace  # the engine's timeline, if it keeps one (trace.py)
         self.policy, self.sample_op, self.verify_op = policy, sample_op, verify_op
         self.detect_tables, self.real_vocab = detect_tables, real_vocab
         self.device, self.max_model_len, self.overlap = device, max_model_len, overlap
@@ -99,6 +101,8 @@ class StepLoop:
                 step.failures += self._batch_failure(m, runner.buffers["seq_request_ids"][:num_seqs].tolist(), e)
             self.clock.charge(m, num_seqs, num_tokens)
             self.stats.model_time[m] += self.clock.now() - began
+            if self.trace is not None:
+                self.trace.model_step(m, began, self.clock.now(), num_seqs, num_tokens)
         return step
 
     def _run_model(self, m: int, runner: ModelRunner, num_seqs: int, num_tokens: int, num_decodes: int,
@@ -316,4 +320,6 @@ class StepLoop:
             self.scheduler.schedule(0)
         if hold:
             self.stats.held_steps += 1
+        if self.trace is not None:
+            self.trace.plan(now, hold, self.requests)
         self.policy.observe(len(self.runners) > 1 and self.counts[BIG, 0] > 0)
