@@ -133,10 +133,11 @@ PYBIND11_MODULE(_C, m) {
       .def("max_pages_per_seq", &Scheduler::max_pages_per_seq)
       .def(
           "add_request",
-          [](Scheduler& s, int64_t id, py::handle views, py::handle runs) {
-            s.add_request(id, to_views(views), to_int32s(runs, "runs"));
+          [](Scheduler& s, int64_t id, py::handle views, py::handle runs, bool reads_cache) {
+            s.add_request(id, to_views(views), to_int32s(runs, "runs"), reads_cache);
           },
-          py::arg("id"), py::arg("views"), py::arg("runs"))
+          py::arg("id"), py::arg("views"), py::arg("runs"), py::arg("reads_cache") = true,
+          "reads_cache=False: the request computes every token itself (prompt log-probabilities)")
       .def("schedule", &Scheduler::schedule, py::arg("held_models") = 0,
            "Plans one step; models whose bit is set in held_models do not run in it")
       .def("ready_rows", &Scheduler::ready_rows, py::arg("model"))

@@ -89,7 +89,7 @@ Scheduler::Scheduler(const SchedulerConfig& config)
 }
 
 void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>& views,
-                            const std::vector<int32_t>& runs) {
+                            const std::vector<int32_t>& runs, bool reads_cache) {
   if (id < 0) throw std::invalid_argument("add_request: negative request id " + std::to_string(id));
   if (requests_.count(id)) throw std::invalid_argument("request id " + std::to_string(id) + " already exists");
   if (views.size() != config_.page_tokens.size() || runs.size() != config_.page_tokens.size())
@@ -109,6 +109,7 @@ void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>&
     check_run(runs[m], "add_request");
     request->views[m].tokens = views[m];
     request->views[m].run = static_cast<Run>(runs[m]);
+    request->views[m].reads_cache = reads_cache;
     runnable |= request->views[m].run == Run::kForeground && !views[m].empty();
   }
   if (!runnable) throw std::invalid_argument("add_request: no foreground view has tokens");
@@ -210,7 +211,7 @@ void Scheduler::share_pages(Entry& e, View& view, int32_t model) {
   // fresh ones: the model stores every token's KV before any attention reads it. Two tokens stay,
   // so that the entry remains a prefill, and the whole sampled tail.
   const int32_t keep = std::max(2, view.sample_tail);
-  while (e.count >= page_tokens + keep && e.start % page_tokens == 0 &&
+  while (view.reads_cache && e.count >= page_tokens + keep && e.start % page_tokens == 0 &&
          view.page_hashes.size() == static_cast<size_t>(e.start / page_tokens)) {
     const size_t k = e.start / page_tokens;
     const uint64_t hash = next_page_key(view, page_tokens, model);
@@ -231,7 +232,7 @@ void Scheduler::share_pages(Entry& e, View& view, int32_t model) {
 void Scheduler::attach_cached(View& view, int32_t model) {
   const int32_t page_tokens = config_.page_tokens[model];
   const size_t full = view.num_computed / page_tokens;
-  if (!config_.prefix_caching || view.num_computed % page_tokens != 0 || view.pages.size() != full ||
+  if (!config_.prefix_caching || !view.reads_cache || view.num_computed % page_tokens != 0 || view.pages.size() != full ||
       view.page_hashes.size() != full)
     return;
   // The sampled tail stays to compute: its logits are what the step is for.

@@ -50,6 +50,9 @@ struct View {
   // Tokens at the end of the view whose logits are sampled (1; more when the last tokens are
   // drafts the model verifies). The planner computes them in one chunk, and never from the cache.
   int32_t sample_tail = 1;
+  // False: the view computes every token itself (its prompt's log-probabilities need each
+  // position's logits), though its full pages still go into the cache for others.
+  bool reads_cache = true;
 };
 
 struct Request {
@@ -95,7 +98,8 @@ class Scheduler {
 
   // `views[m]` is model m's initial token stream (empty if unused), `runs[m]` its Run. Ids are
   // non-negative (-1 marks an empty row in the step arrays).
-  void add_request(int64_t id, const std::vector<std::vector<int32_t>>& views, const std::vector<int32_t>& runs);
+  void add_request(int64_t id, const std::vector<std::vector<int32_t>>& views, const std::vector<int32_t>& runs,
+                   bool reads_cache = true);
   // Plans one step and fills every model's buffers and counts row. Models whose bit is set in
   // `held_models` do not run this step: their views keep their pages and their place, and wait
   // (the co-scheduling policy gathers big-model work this way).

@@ -34,6 +34,12 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
                    help=f"most chat messages (default: {d.max_messages})")
     g.add_argument("--chat-template-timeout", type=float, default=d.chat_template_timeout_s,
                    help=f"longest a chat template may render, in seconds (default: {d.chat_template_timeout_s:g})")
+    g.add_argument("--max-n", type=int, default=d.max_n, help=f"most samples per prompt, n (default: {d.max_n})")
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                   help=f"most alternatives per token: completions logprobs, chat top_logprobs (default: "
+                        f"{d.max_logprobs})")
+    g.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                   help=f"most prompts in one completions request (default: {d.max_prompts})")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -60,6 +66,11 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--logprobs", action="store_true", help="report the log-probability of each chosen token")
+    g.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                   help="also each token's N most likely alternatives, with --json (default: 0)")
+    g.add_argument("--prompt-logprobs", type=int, metavar="N",
+                   help="score the prompt: each prompt token's log-probability and N alternatives, with --json "
+                        "(modes small and big)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +169,8 @@ def sampling_from_args(args) -> SamplingParams:
     chosen = {**generation_defaults(small_checkpoint(args)), **given}
     return SamplingParams(**chosen, seed=args.sampling_seed,
                           max_tokens=args.max_tokens, stop=args.stop, stop_token_ids=args.stop_token_id,
-                          ignore_eos=args.ignore_eos, logprobs=args.logprobs, mode=args.mode,
+                          ignore_eos=args.ignore_eos, logprobs=args.logprobs, top_logprobs=args.top_logprobs,
+                          prompt_logprobs=args.prompt_logprobs, mode=args.mode,
                           max_offload_tokens=args.max_offload_tokens, switch_ratio=args.switch_ratio,
                           switch_chunk=args.switch_chunk, logit_bias=parse_logit_bias(args.logit_bias))
 
@@ -235,6 +247,8 @@ def cmd_generate(args) -> int:
     if args.json:
         record = {"text": output.text, "token_ids": output.token_ids, "token_models": output.token_models,
                   "finish_reason": output.finish_reason, "logprobs": output.logprobs,
+                  "top_logprobs": output.top_logprobs, "prompt_logprobs": output.prompt_logprobs,
+                  "prompt_top_logprobs": output.prompt_top_logprobs,
                   "prompt_tokens": len(output.prompt_token_ids), "time_to_first_token_s": m.time_to_first_token,
                   "latency_s": m.latency}
         if args.stats:
@@ -265,7 +279,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--shutdown-timeout must be at least 0, got {args.shutdown_timeout}")
     limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_completion_tokens,
                           args.max_stop_strings, args.max_stop_length, args.max_logit_bias, args.max_messages,
-                          args.chat_template_timeout)
+                          args.chat_template_timeout, args.max_n, args.max_logprobs, args.max_prompts)
     checkpoint = small_checkpoint(args)
     name = args.served_model_name or ("splitreason-demo" if args.small is None else checkpoint.name)
     engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)

@@ -257,7 +257,11 @@ class Engine:
         out.stop_reason = req.stop_reason
         out.finish_reason = req.finish_reason
         out.error = req.error
-        out.logprobs = req.logprobs if req.params.logprobs else None
+        p = req.params
+        out.logprobs = [float(lp) for lp in req.logprobs] if p.logprobs else None
+        out.top_logprobs = [lp.top for lp in req.logprobs] if p.top_logprobs else None
+        if req.prompt_logprobs is not None:
+            out.prompt_logprobs, out.prompt_top_logprobs = _prompt_scores(req)
         if req.detokenizer is not None:
             out.text = req.text
         elif self.tokenizer is not None:
@@ -268,13 +272,20 @@ class Engine:
         """What a stream of `req` has not yielded yet (None: nothing new). Text that could still
         turn out to be part of a stop string is held back until it cannot."""
         done = req.finish_reason is not None
-        tokens, models = req.tokens[req.sent_tokens:], req.token_models[req.sent_tokens:]
+        sent, p = req.sent_tokens, req.params
+        tokens, models = req.tokens[sent:], req.token_models[sent:]
+        logprobs = [float(lp) for lp in req.logprobs[sent:]] if p.logprobs else None
+        top = [lp.top for lp in req.logprobs[sent:]] if p.top_logprobs else None
         visible = len(req.text) if done else max(req.sent_text, len(req.text) - req.holdback)
         text = req.text[req.sent_text:visible]
         req.sent_tokens, req.sent_text = len(req.tokens), visible
         if not tokens and not done:
             return None
-        return StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models)
+        event = StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models, logprobs, top)
+        if sent == 0 and req.prompt_logprobs is not None:
+            event.prompt_token_ids = req.prompt
+            event.prompt_logprobs, event.prompt_top_logprobs = _prompt_scores(req)
+        return event
 
     def _step_for(self, pending: list[Request]) -> None:
         if self.step() == 0 and any(r.finish_reason is None for r in pending):
@@ -333,3 +344,9 @@ class Engine:
             for req in pending:
                 self.abort(req.id)
         return outputs
+
+
+def _prompt_scores(req: Request) -> tuple[list, list]:
+    """A scored prompt's logprobs and top alternatives (None for its first token)."""
+    scores = req.prompt_logprobs
+    return [None if lp is None else float(lp) for lp in scores], [None if lp is None else lp.top for lp in scores]

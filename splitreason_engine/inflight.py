@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .logprobs import HostCopy, PromptScores
 from .requests import Request
 
 
@@ -22,9 +23,11 @@ class Results:
     host: torch.Tensor  # int32 [2, n]: tokens, words; pinned on CUDA
     logprobs: "torch.Tensor | None"  # fp32 [n] on the host, or None
     ready: "torch.cuda.Event | None"  # recorded after the copies (None on the CPU: they are done)
+    top: "HostCopy | None" = None  # each row's top logprobs (values, ids), when a row asked for them
 
     @classmethod
-    def copy_back(cls, tokens: torch.Tensor, words: torch.Tensor, logprobs: "torch.Tensor | None") -> "Results":
+    def copy_back(cls, tokens: torch.Tensor, words: torch.Tensor, logprobs: "torch.Tensor | None",
+                  top: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> "Results":
         cuda = tokens.device.type == "cuda"
         host = torch.empty(2, tokens.shape[0], dtype=torch.int32, pin_memory=cuda)
         host.copy_(torch.stack([tokens, words]), non_blocking=True)
@@ -36,7 +39,7 @@ class Results:
         if cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return cls(tokens, words, host, logprobs_host, ready)
+        return cls(tokens, words, host, logprobs_host, ready, HostCopy.start(*top) if top is not None else None)
 
     def wait(self) -> tuple[list[int], list[int], list]:
         """(tokens, words, logprobs) as Python lists, once the copies have landed."""
@@ -59,8 +62,10 @@ class Batch:
     planned_sizes: dict[int, int] = field(default_factory=dict)  # row -> view size
     valid: "list[bool] | None" = None  # per row, once checked (None: every row)
     draft_probs: dict = field(default_factory=dict)  # row -> the small model's q of a sampled draft
-    # Requests whose rows verified drafts (speculation.py), their groups, and the results.
-    verified: "tuple[list[Request], list, object] | None" = None
+    # Requests whose rows verified drafts (speculation.py), their groups, the results, and the
+    # rows' top logprobs (a HostCopy of values, ids) when a request asked for them.
+    verified: "tuple[list[Request], list, object, HostCopy | None] | None" = None
+    prompt_scores: "PromptScores | None" = None  # prompt tokens this step scored
 
 
 @dataclass

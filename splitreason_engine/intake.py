@@ -71,6 +71,9 @@ class RequestIntake:
         vocab = min(self.real_vocab)
         if any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
+        if params.prompt_logprobs is not None and mode not in ("small", "big"):
+            raise ValueError(f"prompt_logprobs needs mode 'small' or 'big': mode {mode!r} puts the prompt into a "
+                             "template, so its tokens are not the text given")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         rid = self.next_id
@@ -82,6 +85,8 @@ class RequestIntake:
             model = SMALL if mode == "small" else BIG
             req.prompt = self._tokenize(prompt)
             self._check_prompt(req.prompt, self.real_vocab[model])
+            if params.prompt_logprobs is not None:
+                req.prompt_model, req.prompt_logprobs = model, [None] * len(req.prompt)
             if tuner is not None and max(req.prompt) < self.real_vocab[SMALL]:
                 req.flow = DraftingBigFlow(self.flows, req, tuner)
             else:
@@ -103,7 +108,10 @@ class RequestIntake:
                 req.flow = (DraftingRandomFlow(self.flows, req, small_ids, big_ids, seed, tuner) if tuner is not None
                             else RandomFlow(self.flows, req, small_ids, big_ids, seed))
         metrics.num_prompt_tokens = len(req.prompt)
-        self.scheduler.add_request(rid, *req.flow.initial_views())
+        scores = req.prompt_model is not None
+        self.scheduler.add_request(rid, *req.flow.initial_views(), reads_cache=not scores)
         self.next_id += 1
         self.requests[rid] = req
+        if scores:
+            self.flows.book.scoring.add(rid)
         return rid

@@ -14,6 +14,9 @@ class ServerLimits:
     max_logit_bias: int = 1024  # entries
     max_messages: int = 256  # chat messages per request
     chat_template_timeout_s: float = 1.0  # longest a chat template may render
+    max_n: int = 16  # samples per prompt (n)
+    max_logprobs: int = 20  # alternatives per token (completions logprobs, chat top_logprobs)
+    max_prompts: int = 64  # prompts in one completions request
 
     def __post_init__(self):
         for f in fields(self):

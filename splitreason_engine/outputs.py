@@ -80,6 +80,12 @@ class RequestOutput:
     finish_reason: "str | None" = None
     logprobs: "list[float] | None" = None
     error: "str | None" = None
+    # SamplingParams.top_logprobs: per token, [(token id, logprob)] most likely first.
+    top_logprobs: "list[list[tuple[int, float]]] | None" = None
+    # SamplingParams.prompt_logprobs: per prompt token its logprob given the ones before (None
+    # for the first), and its top alternatives.
+    prompt_logprobs: "list[float | None] | None" = None
+    prompt_top_logprobs: "list[list[tuple[int, float]] | None] | None" = None
     metrics: "RequestMetrics | None" = None
     token_models: list[int] = field(default_factory=list)  # per token: 0 small model, 1 big model
     stop_reason: "str | int | None" = None  # with finish_reason "stop": the stop string, or the token id
@@ -109,3 +115,9 @@ class StreamEvent:
     text: str
     output: "RequestOutput | None" = None
     token_models: list[int] = field(default_factory=list)
+    logprobs: "list[float] | None" = None  # of the new tokens, with SamplingParams.logprobs
+    top_logprobs: "list | None" = None  # of the new tokens, with SamplingParams.top_logprobs
+    # With SamplingParams.prompt_logprobs, on a request's first event: its prompt and their scores.
+    prompt_token_ids: "list[int] | None" = None
+    prompt_logprobs: "list[float | None] | None" = None
+    prompt_top_logprobs: "list | None" = None

@@ -35,7 +35,11 @@ class Request:
     flow: "Flow | None" = None
     tokens: list[int] = field(default_factory=list)
     token_models: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # logprobs.TokenLogprob when top_logprobs asks
+    # SamplingParams.prompt_logprobs: the model whose prefill scores the prompt, and per prompt
+    # position its token's logprob (logprobs.TokenLogprob; None at 0 and until scored).
+    prompt_model: "int | None" = None
+    prompt_logprobs: "list | None" = None
     text: str = ""  # streamed text so far (only kept when streaming or matching stop strings)
     detokenizer: "IncrementalDetokenizer | None" = None
     finish_reason: "str | None" = None
@@ -64,10 +68,15 @@ class RequestBook:
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.max_model_len, self.num_models, self.stats = max_model_len, num_models, stats
         self.live: dict[int, Request] = {}
+        self.scoring: set[int] = set()  # requests that score their prompt (SamplingParams.prompt_logprobs)
 
     def commit(self, req: Request, token: int, model: int, logprob, now: float, stop: "bool | None" = None) -> bool:
         """Adds one token to the request's output; False once the request has finished. `stop`: the
-        sampler's verdict on whether the token is one of the request's stop ids (None: look it up)."""
+        sampler's verdict on whether the token is one of the request's stop ids (None: look it up).
+        With max_tokens 0 (prompt scoring only) the token is not kept."""
+        if req.params.max_tokens == 0:
+            self.end(req, "length", now)
+            return False
         req.tokens.append(token)
         req.token_models.append(model)
         if model == BIG:
@@ -153,6 +162,7 @@ class RequestBook:
                 req.id, model)
         self.scheduler.finish(req.id, cache)
         del self.live[req.id]
+        self.scoring.discard(req.id)
 
     def _close(self, req: Request, now: float) -> None:
         m = req.metrics

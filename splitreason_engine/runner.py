@@ -20,6 +20,7 @@ from .decode_graphs import DecodeGraphs
 from .inflight import Feed
 from .models import AttentionBatch, CausalLM
 from .parallel import TPGroup
+from .sampling import to_device
 
 # The step's arrays in the order they are packed (each region starts on a 16-byte boundary).
 _PACKED = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "logits_indices", "block_tables")
@@ -140,31 +141,40 @@ class ModelRunner:
         return packed_views(self._staging, layout, num_seqs, width)
 
     def execute(self, num_seqs: int, num_tokens: int, num_decodes: int, num_samples: int,
-                width: int, feed: "Feed | None" = None) -> torch.Tensor:
+                width: int, feed: "Feed | None" = None, extra_rows: "np.ndarray | None" = None) -> torch.Tensor:
         """fp32 logits [num_samples, vocab] of the rows the scheduler marked for sampling; `feed`
         patches input ids that the previous step sampled and the host has not seen (placeholders in
-        the scheduler's buffers). With tensor parallelism any failure is a TPFailure: the ranks
-        are out of step."""
+        the scheduler's buffers); `extra_rows`: more token rows whose logits follow the sampled
+        rows' (prompt tokens to score). With tensor parallelism any failure is a TPFailure: the
+        ranks are out of step."""
         if self.link is None:
-            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
+            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed, extra_rows)
         try:
-            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
+            return self._execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed, extra_rows)
         except Exception as e:
             raise self.link.group.failure(e) from e
 
     def _execute(self, num_seqs: int, num_tokens: int, num_decodes: int, num_samples: int,
-                 width: int, feed: "Feed | None") -> torch.Tensor:
+                 width: int, feed: "Feed | None", extra_rows: "np.ndarray | None") -> torch.Tensor:
         b = self.buffers
-        if (self.graphs is not None and num_decodes == num_seqs == num_tokens == num_samples
+        if (self.graphs is not None and extra_rows is None and num_decodes == num_seqs == num_tokens == num_samples
                 and num_seqs <= self.graphs.max_batch):
             return self.graphs.run(b, num_seqs, width, feed)
+        num_gathered, order = num_samples, None
+        if extra_rows is not None:
+            # The gathered rows in step order (every rank reads them from the step message, and
+            # all of a step's rows in order need no gather); the logits are put back after.
+            rows = np.concatenate([b["logits_indices"][:num_samples], extra_rows])
+            order = np.argsort(rows, kind="stable")
+            num_gathered = len(rows)
+            b["logits_indices"][:num_gathered] = rows[order]
         chunk_lens = np.diff(b["query_start_loc"][num_decodes: num_seqs + 1])
         max_query_len = int(chunk_lens.max(initial=1))  # on the host: extend's grid, no device read
-        gather = 0 < num_samples < num_tokens  # sampled rows are a subset of the tokens
+        gather = 0 < num_gathered < num_tokens  # gathered rows are a subset of the tokens
         if self.staged:
             model = self.link.model if self.link is not None else 0
-            header = [STEP, model, num_seqs, num_tokens, num_decodes, num_samples, width, max_query_len]
-            t = self._stage(header, num_samples if gather else 0)
+            header = [STEP, model, num_seqs, num_tokens, num_decodes, num_gathered, width, max_query_len]
+            t = self._stage(header, num_gathered if gather else 0)
         else:
             block_tables = torch.from_numpy(
                 b["block_tables"][: num_seqs * self.stride].reshape(num_seqs, self.stride)[:, :width])
@@ -173,7 +183,13 @@ class ModelRunner:
                 ("query_start_loc", num_seqs + 1), ("seq_lens", num_seqs))}
             t["block_tables"] = block_tables.to(self.device, non_blocking=True)
             if gather:
-                t["logits_indices"] = self._tensor("logits_indices", num_samples)
+                t["logits_indices"] = self._tensor("logits_indices", num_gathered)
         if feed is not None:
             feed.patch_inputs(t["input_ids"])
-        return run_forward(self.model, self.kv_caches, t, num_decodes, max_query_len, num_samples, gather)
+        logits = run_forward(self.model, self.kv_caches, t, num_decodes, max_query_len, num_gathered, gather)
+        if order is None:
+            return logits
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return logits.index_select(0, to_device(inverse, logits.device))
+

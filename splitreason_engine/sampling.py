@@ -30,7 +30,12 @@ class SamplingParams:
     temperature 0 is greedy. top_k <= 0 and top_p = 1 disable those filters. `stop` strings end
     the request when they appear in the text (they are cut from the returned text);
     `stop_token_ids` end it when sampled (kept). `logprobs` returns the log-probability, under the
-    model's unmodified distribution, of every chosen token. `logit_bias` ({token id: bias}, as in
+    model's unmodified distribution, of every chosen token, and `top_logprobs` (implies `logprobs`)
+    the most likely that many alternatives with theirs, computed on the device beside the sample.
+    `prompt_logprobs` (None: off; N >= 0) returns every prompt token's log-probability given the
+    tokens before it, with the top N alternatives, computed in the prefill (modes small and big,
+    whose prompt is the text given; the request then computes its whole prompt, not reading
+    the prefix cache); with it `max_tokens` may be 0 (score the prompt only). `logit_bias` ({token id: bias}, as in
     the OpenAI API) is added to the logits of every model that samples for the request.
 
     `mode`: "split" (the small model writes and hands `<bigmodel>` segments to the big one, at most
@@ -53,6 +58,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: "int | None" = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     mode: "str | None" = None
     max_offload_tokens: int = 512
@@ -64,6 +71,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()
+        self.logprobs = self.logprobs or self.top_logprobs > 0
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
 
     def validate(self) -> None:
@@ -88,8 +96,15 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k):
             raise ValueError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
-        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
-            raise ValueError(f"max_tokens must be an integer in [1, 2**31), got {self.max_tokens!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= INT32_MAX:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or
+                                                 not 0 <= self.prompt_logprobs <= INT32_MAX):
+            raise ValueError(f"prompt_logprobs must be None or an integer >= 0, got {self.prompt_logprobs!r}")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt, generate nothing
+        if not _is_int(self.max_tokens) or not least <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be an integer in [{least}, 2**31)"
+                             f"{'' if least == 0 else ' (0 only with prompt_logprobs)'}, got {self.max_tokens!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):

@@ -28,8 +28,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from . import chat
 from .async_engine import AsyncEngine, Overloaded, Unavailable
 from .limits import ServerLimits
-from .openai_io import (ApiError, ChatShape, CompletionShape, completion_prompt, error_body, parse_body,
-                        sampling_params)
+from .openai_io import (ApiError, Asked, ChatShape, ChoiceSource, CompletionShape, asked_for, completion_prompts,
+                        error_body, parse_body, usage)
+from .openai_logprobs import TokenText
 from .sampling import SamplingParams
 from .server_metrics import Metrics
 
@@ -47,6 +48,7 @@ class Service:
     api_key: "str | None"
     limits: ServerLimits
     metrics: Metrics
+    names: TokenText  # token ids' text, for log-probabilities
 
 
 def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" = None,
@@ -56,7 +58,8 @@ def build_app(engine: AsyncEngine, model_name: str, chat_template: "str | None" 
     /health and /metrics stay open. `limits`: what one request may ask for (ServerLimits)."""
     limits = (limits or ServerLimits()).resolved(engine.engine.max_model_len)
     template = chat.ChatTemplate(chat_template, limits.chat_template_timeout_s) if chat_template else None
-    service = Service(engine, model_name, template, sampling_defaults or {}, api_key, limits, Metrics())
+    service = Service(engine, model_name, template, sampling_defaults or {}, api_key, limits, Metrics(),
+                      TokenText(engine.engine.tokenizer))
     app = FastAPI(title="splitreason-engine")
     app.state.engine, app.state.metrics = engine, service.metrics
     app.add_exception_handler(ApiError, _api_error)
@@ -91,11 +94,14 @@ def openai_routes(service: Service) -> APIRouter:
     @v1.post("/completions")
     async def completions(request: Request):
         body = await read_body(service, request)
-        prompt = completion_prompt(body)
-        params = sampling_params(body, service.sampling_defaults, service.limits)
-        shape = CompletionShape(f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.model_name)
-        return await respond(service, await prompt_for(service, params, prompt), params, body.get("stream", False),
-                             shape)
+        prompts = completion_prompts(body, service.limits)
+        asked = asked_for(body, service.sampling_defaults, service.limits, chat=False)
+        prompts = [await prompt_for(service, asked, prompt) for prompt in prompts]
+        sources = [ChoiceSource(echo_text(service, prompt) if asked.echo else "") for prompt in prompts
+                   for _ in range(asked.n)]
+        shape = CompletionShape(f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.model_name, asked, service.names,
+                                sources)
+        return await respond(service, prompts, asked, body.get("stream", False), shape)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -106,9 +112,10 @@ def openai_routes(service: Service) -> APIRouter:
             raise ApiError(400, str(e), "messages") from None
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body["max_tokens"] = body["max_completion_tokens"]
-        params = sampling_params(body, service.sampling_defaults, service.limits)
-        shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), service.model_name)
-        return await respond(service, await prompt_for(service, params, None, messages), params,
+        asked = asked_for(body, service.sampling_defaults, service.limits, chat=True)
+        shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), service.model_name, asked, service.names,
+                          asked.n)
+        return await respond(service, [await prompt_for(service, asked, None, messages)], asked,
                              body.get("stream", False), shape)
 
     @v1.get("/models")
@@ -134,10 +141,14 @@ async def read_body(service: Service, request: Request) -> dict:
     return parse_body(bytes(raw), service.model_name)
 
 
-async def prompt_for(service: Service, params: SamplingParams, text_or_ids, chat_messages=None):
+async def prompt_for(service: Service, asked: Asked, text_or_ids, chat_messages=None):
     """The prompt the engine gets, after the prompt-token limit: a chat's question in split and
-    random modes, its rendered template in the others."""
-    mode = params.mode or ("split" if len(service.engine.engine.models) > 1 else "small")
+    random modes, its rendered template in the others. Echo needs the prompt as given, so it is
+    refused in split and random modes, which put it into their template."""
+    mode = asked.params.mode or ("split" if len(service.engine.engine.models) > 1 else "small")
+    if asked.echo and mode in ("split", "random"):
+        raise ApiError(400, f"echo is not available in mode {mode!r}: it puts the prompt into its template; use mode "
+                            "'small' or 'big'", "echo")
     if chat_messages is None:
         prompt, param = text_or_ids, "prompt"
     elif mode in ("split", "random"):
@@ -150,6 +161,14 @@ async def prompt_for(service: Service, params: SamplingParams, text_or_ids, chat
             raise ApiError(400, str(e), "messages") from None
     await check_prompt_tokens(service, prompt, param)
     return prompt
+
+
+def echo_text(service: Service, prompt) -> str:
+    """The text an echoed prompt shows: itself, or its token ids decoded."""
+    tokenizer = service.engine.engine.tokenizer
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(prompt) if tokenizer is not None else ""
 
 
 async def check_prompt_tokens(service: Service, prompt, param: str) -> None:
@@ -167,36 +186,56 @@ async def check_prompt_tokens(service: Service, prompt, param: str) -> None:
                        code="context_length_exceeded")
 
 
-async def respond(service: Service, prompt, params: SamplingParams, stream: bool, shape):
-    """Starts the request (400 if the engine refuses it, 503 if it cannot take it), then answers
-    with JSON or server-sent events shaped by `shape` (openai_io's CompletionShape / ChatShape)."""
+async def respond(service: Service, prompts: list, asked: Asked, stream: bool, shape):
+    """Starts every choice's request, each prompt n times (400 if the engine refuses one, 503 if it
+    cannot take them all; either way none is left running), then answers with JSON or server-sent
+    events shaped by `shape` (openai_io's CompletionShape / ChatShape)."""
     start = time.perf_counter()
+    streams = [service.engine.stream(prompt, params) for prompt in prompts for params in asked.per_sample()]
+    firsts = await asyncio.gather(*(events.__anext__() for events in streams), return_exceptions=True)
     try:
-        events = service.engine.stream(prompt, params)
-        first = await events.__anext__()
-    except Overloaded as e:
-        service.metrics.rejected += 1
-        raise ApiError(503, f"server overloaded: {e}; retry later", None, "server_error", "overloaded",
-                       {"Retry-After": "1"}) from None
+        for first in firsts:
+            _raise_refusal(service, first)
+    except ApiError:
+        await asyncio.gather(*(events.aclose() for events in streams))
+        raise
+    clocks = [_LatencyClock(service.metrics, start) for _ in streams]
+    if stream:
+        return StreamingResponse(_sse(streams, firsts, shape, clocks, asked.n), media_type="text/event-stream")
+    try:
+        finals = await asyncio.gather(*(_last(events, first, clock) for events, first, clock in
+                                        zip(streams, firsts, clocks)))
     except Unavailable as e:
         raise ApiError(503, str(e), None, "server_error", "unavailable") from None
-    except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e)) from None
+    failed = next((out for out in finals if out.finish_reason == "error"), None)
+    if failed is not None:
+        return JSONResponse({"error": error_body(failed)}, status_code=500)
+    return JSONResponse(shape.final(finals))
+
+
+def _raise_refusal(service: Service, first) -> None:
+    """The ApiError for a request the engine did not take (its first event, or what it raised)."""
+    if isinstance(first, Overloaded):
+        service.metrics.rejected += 1
+        raise ApiError(503, f"server overloaded: {first}; retry later", None, "server_error", "overloaded",
+                       {"Retry-After": "1"})
+    if isinstance(first, Unavailable):
+        raise ApiError(503, str(first), None, "server_error", "unavailable")
+    if isinstance(first, (ValueError, TypeError)):
+        raise ApiError(400, str(first))
+    if isinstance(first, BaseException):
+        raise first
     if first.output is not None and first.output.error and first.output.metrics is None:  # refused
         raise ApiError(400, first.output.error, "prompt" if "prompt" in first.output.error else None)
-    clock = _LatencyClock(service.metrics, start)
-    if stream:
-        return StreamingResponse(_sse(events, first, shape, clock), media_type="text/event-stream")
+
+
+async def _last(events, first, clock: "_LatencyClock"):
+    """A request's output, after its events."""
     event = first
     clock.observe(event)
-    try:
-        async for event in events:
-            clock.observe(event)
-    except Unavailable as e:
-        raise ApiError(503, str(e), None, "server_error", "unavailable") from None
-    if event.output.finish_reason == "error":
-        return JSONResponse({"error": error_body(event.output)}, status_code=500)
-    return JSONResponse(shape.final(event.output))
+    async for event in events:
+        clock.observe(event)
+    return event.output
 
 
 class _LatencyClock:
@@ -216,23 +255,45 @@ class _LatencyClock:
         self.last = now
 
 
-async def _sse(events, first, shape, clock: _LatencyClock):
-    event = first
+async def _sse(streams, firsts, shape, clocks: list[_LatencyClock], n: int):
+    """Every choice's events as they come, one chunk each; usage rides on the chunk that finishes
+    the last choice."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int):
+        try:
+            event = firsts[index]
+            while True:
+                await merged.put((index, event))
+                if event.output is not None:
+                    return
+                event = await streams[index].__anext__()
+        except Unavailable as e:  # the engine failed under this stream
+            await merged.put((index, e))
+
+    pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    outs: list = [None] * len(streams)
     try:
-        while True:
-            clock.observe(event)
-            body = shape.chunk(event)
-            if event.output is not None and event.output.finish_reason == "error":
-                body["error"] = error_body(event.output)
-            yield f"data: {json.dumps(body)}\n\n"
-            if event.output is not None:
+        while any(out is None for out in outs):
+            index, event = await merged.get()
+            if isinstance(event, Unavailable):
+                error = {"message": str(event), "type": "server_error", "param": None, "code": "unavailable"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 break
-            event = await events.__anext__()
-    except Unavailable as e:  # the engine failed under this stream
-        error = {"message": str(e), "type": "server_error", "param": None, "code": "unavailable"}
-        yield f"data: {json.dumps({'error': error})}\n\n"
+            clocks[index].observe(event)
+            body = shape.chunk(index, event)
+            if event.output is not None:
+                outs[index] = event.output
+                if event.output.finish_reason == "error":
+                    body["error"] = error_body(event.output)
+                if all(out is not None for out in outs):
+                    body["usage"] = usage(outs, n)
+            yield f"data: {json.dumps(body)}\n\n"
     finally:
-        await events.aclose()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*(events.aclose() for events in streams), return_exceptions=True)
     yield "data: [DONE]\n\n"
 
 

@@ -15,6 +15,7 @@ import torch
 from . import _C
 from .inflight import Batch, Feed, Results, Step
 from .kernels.sample import NONFINITE
+from .logprobs import HostCopy, PromptRows, TokenLogprob, top_logprobs, with_top
 from .parallel import TPFailure
 from .requests import BIG, MODEL_NAMES, Request, RequestBook
 from .runner import ModelRunner
@@ -112,17 +113,27 @@ class StepLoop:
         reqs, plain_rows, verifying, groups, verify_rows = self._sample_rows(m, b["sample_request_ids"][:num_samples])
         fed = {row: feeds[(m, r.id)] for row, r in enumerate(reqs) if (m, r.id) in feeds} if feeds else {}
         feed = self._feed(m, b, num_seqs, reqs, fed, sources[m]) if fed else None
-        logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed)
+        prompt_rows = (PromptRows.of_step(self.requests, self.book.scoring, m, b, num_seqs)
+                       if self.book.scoring else None)
+        logits = runner.execute(num_seqs, num_tokens, num_decodes, num_samples, width, feed,
+                                prompt_rows.rows if prompt_rows is not None else None)
+        scores = None
+        if prompt_rows is not None:
+            scores = prompt_rows.score(logits[num_samples:], self.real_vocab[m])
+            logits = logits[:num_samples]
         if num_samples == 0:
-            return None
+            return Batch(m, [], None, prompt_scores=scores) if scores is not None else None
         verified = None
         if groups:
             index = to_device(np.array(verify_rows, dtype=np.int64), logits.device)
-            verified = (verifying, groups, verify(logits.index_select(0, index), groups, self.real_vocab[m],
-                                                  self.generator, m, self.verify_op))
+            verify_logits = logits.index_select(0, index)
+            n = max(g.params.top_logprobs for g in groups)
+            top = HostCopy.start(*top_logprobs(verify_logits, self.real_vocab[m], n)) if n else None
+            verified = (verifying, groups, verify(verify_logits, groups, self.real_vocab[m], self.generator, m,
+                                                  self.verify_op), top)
             logits = logits.index_select(0, to_device(np.array(plain_rows, dtype=np.int64), logits.device))
         if not reqs:
-            return Batch(m, [], None, verified=verified)
+            return Batch(m, [], None, verified=verified, prompt_scores=scores)
         # A row fed from the previous step samples the token after the one the host has not seen.
         indices = [r.flow.next_index() + (row in fed) for row, r in enumerate(reqs)]
         state_feed = (feed.sample_rows, feed.source.words, feed.state_rows) if feed is not None else None
@@ -130,9 +141,11 @@ class StepLoop:
             logits, [r.params for r in reqs], indices, self.generator, self.real_vocab[m], self.sample_op,
             [r.flow.detect_state(m) for r in reqs], self.detect_tables, [r.stop_ids for r in reqs], state_feed, m,
             with_logprobs=any(r.flow.drafting for r in reqs))
-        results = Results.copy_back(tokens, words, logprobs)
+        n = max(r.params.top_logprobs for r in reqs)
+        results = Results.copy_back(tokens, words, logprobs,
+                                    top_logprobs(logits, self.real_vocab[m], n) if n else None)
         return Batch(m, reqs, results, {row: size for row, (_, size) in fed.items()},
-                     draft_probs=self._draft_probs(m, logits, reqs), verified=verified)
+                     draft_probs=self._draft_probs(m, logits, reqs), verified=verified, prompt_scores=scores)
 
     def _sample_rows(self, m: int, request_ids: np.ndarray) -> tuple[list[Request], list[int], list[Request], list,
                                                                       list[int]]:
@@ -227,7 +240,12 @@ class StepLoop:
         rows = []
         for batch in step.batches:
             m, began = batch.model, self.clock.now()
+            if batch.prompt_scores is not None:  # before the tokens: a request may end with its first
+                batch.prompt_scores.apply()
             tokens, words, logprobs = batch.results.wait() if batch.results is not None else ([], [], [])
+            if batch.results is not None and batch.results.top is not None:
+                logprobs = [_with_top(lp, req, *top) for lp, req, *top in zip(logprobs, batch.reqs,
+                                                                              *batch.results.top.lists())]
             verified = self._verified(batch, now)
             self.stats.model_time[m] += self.clock.now() - began
             rows += verified
@@ -269,9 +287,14 @@ class StepLoop:
         are not finite fails its request."""
         if batch.verified is None:
             return []
-        reqs, groups, verified = batch.verified
-        rows = []
+        reqs, groups, verified, top = batch.verified
+        top_values, top_ids = top.lists() if top is not None else (None, None)
+        rows, first = [], 0
         for req, group, (tokens, logprobs, accepted, finite) in zip(reqs, groups, verified.per_group(groups)):
+            if top is not None:
+                logprobs = [_with_top(lp, req, top_values[first + i], top_ids[first + i])
+                            for i, lp in enumerate(logprobs)]
+            first += len(group.drafts) + 1
             req.metrics.big_steps += 1
             if not finite:
                 if req.finish_reason is None:
@@ -323,3 +346,9 @@ class StepLoop:
         if self.trace is not None:
             self.trace.plan(now, hold, self.requests)
         self.policy.observe(len(self.runners) > 1 and self.counts[BIG, 0] > 0)
+
+
+def _with_top(logprob, req: Request, values: list, ids: list):
+    """The row's logprob with its top alternatives attached, if its request asked for them."""
+    n = req.params.top_logprobs
+    return TokenLogprob(logprob, with_top(values, ids, n)) if n and logprob is not None else logprob

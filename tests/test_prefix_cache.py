@@ -197,6 +197,28 @@ def test_requests_admitted_in_one_step_share_the_pages_the_first_one_computes() 
     assert d.s.num_free_pages == 32
 
 
+def test_a_request_that_reads_no_cache_computes_every_token_and_still_publishes() -> None:
+    """reads_cache=False (prompt log-probabilities need every position's logits): neither cached
+    pages nor pages of a request in the same step replace its own, and its pages serve others."""
+    s = _C.Scheduler(64, 4, 64, 64, [4], prefix_caching=True)
+    prompt = list(range(1, 15))
+    s.add_request(0, [prompt], [FG])
+    s.add_request(1, [prompt], [FG], reads_cache=False)  # the same step as request 0
+    s.schedule(0)
+    assert s.view_stats(1, 0)[2] == 0 and s.view_stats(0, 0)[2] == 0
+    assert int(s.counts()[1]) == 2 * len(prompt)
+    for rid in range(2):
+        assert s.finish(rid)
+    s.add_request(2, [prompt], [FG], reads_cache=False)  # the cache holds its pages now
+    s.schedule(0)
+    assert s.view_stats(2, 0)[2] == 0 and int(s.buffers(0)["positions"][0]) == 0
+    s.finish(2)
+    s.add_request(3, [prompt], [FG])
+    s.schedule(0)
+    assert s.view_stats(3, 0)[2] == 12  # a reading request takes them
+    s.check_invariants()
+
+
 def test_a_sampled_tail_is_computed_whole_not_shared_or_cached() -> None:
     """A view that samples its last 3 tokens (drafts to verify) takes cached and same-batch pages only
     before them: found by the fuzz, where sharing left 2 of the 3 to compute."""

@@ -97,7 +97,7 @@ def test_completions_streamed_equals_not_streamed_and_usage_has_offload(server):
     timing = "latency_per_offloaded_token_s"
     assert usage[timing] > 0
     # The second run of the prompt finds its full pages in the prefix cache: fewer tokens computed.
-    cache = ("prompt_tokens_details", "small_cached_tokens", "big_cached_tokens")
+    cache = ("prompt_tokens_details", "small_cached_tokens", "big_cached_tokens", "prompt_tokens_computed")
     streamed = chunks[-1]["usage"]
     assert streamed["prompt_tokens_details"]["cached_tokens"] == streamed["small_cached_tokens"] > 0
     assert server.metric('splitreason_prefix_cache_hit_tokens_total{model="small"}') >= streamed["small_cached_tokens"]
@@ -228,9 +228,18 @@ def test_a_client_that_disconnects_gets_its_pages_freed(server):
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "hi " * 400}, 400, "prompt"),  # longer than max_model_len 512
     ("/v1/completions", {"prompt": "hi " * 400, "stream": True}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "echo": True, "max_tokens": 1}, 400, "echo"),  # loglikelihood evaluation
-    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "max_tokens": 1}, 400, "echo"),  # split mode templates it
+    ("/v1/completions", {"prompt": "hi", "echo": True, "mode": "random"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes", "mode": "small"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"prompt": ["hi", 5]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, path, body, status, param):

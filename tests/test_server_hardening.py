@@ -38,7 +38,8 @@ def engine_args(pair) -> list[str]:
 def guarded(pair):
     s = Server(*engine_args(pair), "--api-key", KEY, "--max-body-bytes", "4096", "--max-prompt-tokens", "100",
                "--max-completion-tokens", "200", "--max-stop-strings", "4", "--max-stop-length", "8",
-               "--max-logit-bias", "5", "--max-messages", "3", "--chat-template-timeout", "0.5")
+               "--max-logit-bias", "5", "--max-messages", "3", "--chat-template-timeout", "0.5", "--max-n", "2",
+               "--max-logprobs", "3", "--max-prompts", "2")
     yield s
     s.close()
 
@@ -97,6 +98,11 @@ OVERSIZED = [
      "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500}, 400,
      "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 4, "mode": "small"}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": ["a", "b", "c"]}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 4},
+     400, "top_logprobs"),
 ]
 
 

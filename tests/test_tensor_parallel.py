@@ -127,6 +127,25 @@ def test_odd_vocabularies_match_one_process(odd_vocab, engines):
     assert tokens[2:] != tokens[:2]  # the same prompts and models, sampled: not the greedy tokens
 
 
+def test_logprobs_and_prompt_logprobs_match_one_process(odd_vocab, engines):
+    """The scored prompt rows ride in the step message's gathered rows, so every rank computes
+    their logits: prompt and token logprobs with alternatives equal one process's, padded ids
+    never among them."""
+    prompts = [[1998, 0, 1000, 999, 1997, 3, 4, 5], [5, 1001, 2000, 1500, 7, 2, 1996]]
+    params = [SamplingParams(temperature=0, max_tokens=5, mode=mode, top_logprobs=4, prompt_logprobs=4)
+              for mode in ("small", "big")]
+    kwargs = dict(kv_cache_bytes=1 << 22, max_model_len=64, max_num_batched_tokens=6)
+    expected = Engine(*odd_vocab, progress=False, **kwargs).generate(prompts, params, use_tqdm=False)
+    outs = engines(*odd_vocab, **kwargs).generate(prompts, params, use_tqdm=False)
+    for a, b, vocab in zip(expected, outs, (1999, 2001)):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(b.prompt_logprobs[1:]), torch.tensor(a.prompt_logprobs[1:]))
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs))
+        tops = [t for top in b.top_logprobs + b.prompt_top_logprobs[1:] for t, _ in top]
+        assert tops == [t for top in a.top_logprobs + a.prompt_top_logprobs[1:] for t, _ in top]
+        assert max(tops) < vocab
+
+
 def test_a_killed_worker_breaks_the_engine_with_its_rank_and_exit_code(pair, engines):
     engine = engines(*pair, kv_cache_bytes=1 << 22, max_model_len=128)
     params = SamplingParams(temperature=0, max_tokens=4, mode="small")
