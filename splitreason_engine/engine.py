@@ -258,10 +258,11 @@ class Engine:
         out.finish_reason = req.finish_reason
         out.error = req.error
         p = req.params
-        out.logprobs = [float(lp) for lp in req.logprobs] if p.logprobs else None
-        out.top_logprobs = [lp.top for lp in req.logprobs] if p.top_logprobs else None
+        values, tops = _scores(req.logprobs)
+        out.logprobs = values if p.logprobs else None
+        out.top_logprobs = tops if p.top_logprobs else None
         if req.prompt_logprobs is not None:
-            out.prompt_logprobs, out.prompt_top_logprobs = _prompt_scores(req)
+            out.prompt_logprobs, out.prompt_top_logprobs = _scores(req.prompt_logprobs)
         if req.detokenizer is not None:
             out.text = req.text
         elif self.tokenizer is not None:
@@ -274,8 +275,8 @@ class Engine:
         done = req.finish_reason is not None
         sent, p = req.sent_tokens, req.params
         tokens, models = req.tokens[sent:], req.token_models[sent:]
-        logprobs = [float(lp) for lp in req.logprobs[sent:]] if p.logprobs else None
-        top = [lp.top for lp in req.logprobs[sent:]] if p.top_logprobs else None
+        values, tops = _scores(req.logprobs[sent:])
+        logprobs, top = (values if p.logprobs else None), (tops if p.top_logprobs else None)
         visible = len(req.text) if done else max(req.sent_text, len(req.text) - req.holdback)
         text = req.text[req.sent_text:visible]
         req.sent_tokens, req.sent_text = len(req.tokens), visible
@@ -284,7 +285,7 @@ class Engine:
         event = StreamEvent(req.index, tokens, text, self._finalize(req) if done else None, models, logprobs, top)
         if sent == 0 and req.prompt_logprobs is not None:
             event.prompt_token_ids = req.prompt
-            event.prompt_logprobs, event.prompt_top_logprobs = _prompt_scores(req)
+            event.prompt_logprobs, event.prompt_top_logprobs = _scores(req.prompt_logprobs)
         return event
 
     def _step_for(self, pending: list[Request]) -> None:
@@ -346,7 +347,7 @@ class Engine:
         return outputs
 
 
-def _prompt_scores(req: Request) -> tuple[list, list]:
-    """A scored prompt's logprobs and top alternatives (None for its first token)."""
-    scores = req.prompt_logprobs
-    return [None if lp is None else float(lp) for lp in scores], [None if lp is None else lp.top for lp in scores]
+def _scores(logprobs: list) -> tuple[list, list]:
+    """Plain logprobs and their top alternatives (logprobs.TokenLogprob); None for a token the
+    sampler did not choose (a forced close tag, a prompt's first token)."""
+    return [None if lp is None else float(lp) for lp in logprobs], [getattr(lp, "top", None) for lp in logprobs]

@@ -272,14 +272,13 @@ def _prompt_part(event: "StreamEvent | None", out: "RequestOutput | None") -> "t
     source = event if event is not None and event.prompt_logprobs is not None else out
     if source is None or source.prompt_logprobs is None:
         return None
-    tops = source.prompt_top_logprobs
-    return source.prompt_token_ids, source.prompt_logprobs, [t if t is not None else None for t in tops]
+    return source.prompt_token_ids, source.prompt_logprobs, source.prompt_top_logprobs
 
 
 def _joined(prompt: "tuple | None", ids: list[int], logprobs, tops, models: list) -> tuple:
     """A choice's tokens after its echoed prompt's, as the logprob shapes take them."""
     logprobs = logprobs if logprobs is not None else [None] * len(ids)
-    tops = tops if tops is not None else [[] for _ in ids]
+    tops = tops if tops is not None else [[] for _ in ids]  # logprobs 0: no alternatives
     if prompt is None:
         return ids, logprobs, tops, models
     p_ids, p_logprobs, p_tops = prompt

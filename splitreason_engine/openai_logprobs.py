@@ -34,7 +34,8 @@ def _model_names(models: list) -> list:
 def completion_logprobs(names: TokenText, ids: list[int], logprobs: list, tops: list, models: list,
                         offset: int) -> tuple[dict, int]:
     """The completions `logprobs` object of these tokens, and the text offset after them.
-    `tops[i]`: [(id, logprob)] or None (no alternatives: the first prompt token)."""
+    `tops[i]`: [(id, logprob)], or None where a token has no alternatives (the first prompt token,
+    a forced close tag, whose logprob is None too)."""
     texts = [names.text(t) for t in ids]
     offsets = []
     for text in texts:
@@ -51,6 +52,6 @@ def chat_logprobs(names: TokenText, ids: list[int], logprobs: list, tops: list, 
         raw = names.bytes(token)
         return {"token": raw.decode("utf-8", "replace"), "logprob": value, "bytes": list(raw)}
 
-    content = [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in alts], "model": model}
+    content = [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in alts or ()], "model": model}
                for t, lp, alts, model in zip(ids, logprobs, tops, _model_names(models))]
     return {"content": content, "refusal": None}
