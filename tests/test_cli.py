@@ -39,6 +39,16 @@ def test_prompt_from_stdin_and_json_output_match_the_argument_form():
     assert from_arg["finish_reason"] == "length" and from_arg["prompt_tokens"] == len("same prompt")
 
 
+def test_json_output_carries_logprobs_with_alternatives_and_the_prompts_scores():
+    args = ["--mode", "small", "--max-tokens", "3", "--temperature", "0", "--top-logprobs", "2", "--prompt-logprobs",
+            "1", "--json"]
+    record = json.loads(run("generate", "abc", *args).stdout)
+    assert len(record["logprobs"]) == len(record["top_logprobs"]) == 3
+    assert all(len(top) == 2 and top[0][0] == token for top, token in zip(record["top_logprobs"], record["token_ids"]))
+    assert record["prompt_logprobs"][0] is None and len(record["prompt_logprobs"]) == record["prompt_tokens"]
+    assert all(len(top) == 1 for top in record["prompt_top_logprobs"][1:])
+
+
 def test_a_piped_question_answers_as_the_argument_does():
     """echo's trailing newline (and a terminal's stray spaces) must not reach the split template:
     the embedded demo pair answers the piped question exactly as it answers the argument."""
@@ -64,7 +74,7 @@ def test_help_documents_every_option():
     for option in ("--small", "--big", "--load-format", "--device", "--dtype", "--max-model-len", "--kv-cache-bytes",
                    "--kv-cache-memory-fraction", "--page-tokens", "--max-num-seqs", "--max-num-batched-tokens",
                    "--seed", "--mode", "--max-tokens", "--temperature", "--top-k", "--top-p", "--sampling-seed",
-                   "--stop", "--stop-token-id", "--ignore-eos", "--logprobs", "--json", "--stats", "--catch-up",
+                   "--stop", "--stop-token-id", "--ignore-eos", "--logprobs", "--top-logprobs", "--prompt-logprobs", "--json", "--stats", "--catch-up",
                    "--max-offload-tokens", "--switch-ratio", "--switch-chunk", "--logit-bias",
                    "--tensor-parallel-size", "--tp-timeout-s", "--no-prefix-caching"):
         assert option in r.stdout
