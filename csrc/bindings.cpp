@@ -133,11 +133,15 @@ PYBIND11_MODULE(_C, m) {
       .def("max_pages_per_seq", &Scheduler::max_pages_per_seq)
       .def(
           "add_request",
-          [](Scheduler& s, int64_t id, py::handle views, py::handle runs, bool reads_cache) {
-            s.add_request(id, to_views(views), to_int32s(runs, "runs"), reads_cache);
+          [](Scheduler& s, int64_t id, py::handle views, py::handle runs, bool reads_cache, int64_t copy_from) {
+            s.add_request(id, to_views(views), to_int32s(runs, "runs"), reads_cache, copy_from);
           },
-          py::arg("id"), py::arg("views"), py::arg("runs"), py::arg("reads_cache") = true,
-          "reads_cache=False: the request computes every token itself (prompt log-probabilities)")
+          py::arg("id"), py::arg("views"), py::arg("runs"), py::arg("reads_cache") = true, py::arg("copy_from") = -1,
+          "reads_cache=False: the request computes every token itself (prompt log-probabilities); copy_from: a "
+          "request with the same prompt whose partial last page it copies at admission (page_copies)")
+      .def("take_page_copies", &Scheduler::take_page_copies,
+           "(model, source page, destination page) triples, flat, planned since the last call: copies the caller "
+           "makes before the step runs")
       .def("schedule", &Scheduler::schedule, py::arg("held_models") = 0,
            "Plans one step; models whose bit is set in held_models do not run in it")
       .def("ready_rows", &Scheduler::ready_rows, py::arg("model"))

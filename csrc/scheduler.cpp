@@ -89,7 +89,7 @@ Scheduler::Scheduler(const SchedulerConfig& config)
 }
 
 void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>& views,
-                            const std::vector<int32_t>& runs, bool reads_cache) {
+                            const std::vector<int32_t>& runs, bool reads_cache, int64_t copy_from) {
   if (id < 0) throw std::invalid_argument("add_request: negative request id " + std::to_string(id));
   if (requests_.count(id)) throw std::invalid_argument("request id " + std::to_string(id) + " already exists");
   if (views.size() != config_.page_tokens.size() || runs.size() != config_.page_tokens.size())
@@ -113,6 +113,7 @@ void Scheduler::add_request(int64_t id, const std::vector<std::vector<int32_t>>&
     runnable |= request->views[m].run == Run::kForeground && !views[m].empty();
   }
   if (!runnable) throw std::invalid_argument("add_request: no foreground view has tokens");
+  request->copy_from = copy_from;
   waiting_.push_back(request.get());
   requests_.emplace(id, std::move(request));
 }
@@ -229,14 +230,15 @@ void Scheduler::share_pages(Entry& e, View& view, int32_t model) {
   publish_full_pages(view, model, e.start + e.count);
 }
 
-void Scheduler::attach_cached(View& view, int32_t model) {
+void Scheduler::attach_cached(View& view, int32_t model, const View* source) {
   const int32_t page_tokens = config_.page_tokens[model];
   const size_t full = view.num_computed / page_tokens;
-  if (!config_.prefix_caching || !view.reads_cache || view.num_computed % page_tokens != 0 || view.pages.size() != full ||
-      view.page_hashes.size() != full)
+  if (!config_.prefix_caching || !view.reads_cache || view.num_computed % page_tokens != 0 ||
+      view.pages.size() != full || view.page_hashes.size() != full)
     return;
   // The sampled tail stays to compute: its logits are what the step is for.
-  while (view.num_computed + page_tokens <= static_cast<int32_t>(view.tokens.size()) - view.sample_tail) {
+  const int32_t limit = static_cast<int32_t>(view.tokens.size()) - view.sample_tail;
+  while (view.num_computed + page_tokens <= limit) {
     const uint64_t hash = next_page_key(view, page_tokens, model);
     const int32_t page = allocator_.lookup(hash);
     if (page < 0) break;
@@ -244,6 +246,22 @@ void Scheduler::attach_cached(View& view, int32_t model) {
     view.page_hashes.push_back(hash);
     view.num_computed += page_tokens;
     view.num_cached += page_tokens;
+  }
+  // Then the source's partial page, when the source has computed this view's next tokens and
+  // holds them in the same page: a fresh page of this view's own gets a copy of it.
+  const size_t k = view.pages.size();
+  if (source != nullptr && source->pages.size() > k && source->page_hashes.size() >= k &&
+      std::equal(view.page_hashes.begin(), view.page_hashes.end(), source->page_hashes.begin())) {
+    const int32_t end = std::min({source->num_computed, limit, view.num_computed + page_tokens - 1});
+    int32_t same = view.num_computed;
+    while (same < end && source->tokens[same] == view.tokens[same]) ++same;
+    std::vector<int32_t> fresh;
+    if (same > view.num_computed && allocator_.allocate(1, fresh)) {
+      page_copies_.insert(page_copies_.end(), {model, source->pages[k], fresh[0]});
+      view.pages.push_back(fresh[0]);
+      view.num_cached += same - view.num_computed;
+      view.num_computed = same;
+    }
   }
   view.peak_pages = std::max(view.peak_pages, static_cast<int32_t>(view.pages.size()));
 }
@@ -323,7 +341,8 @@ bool Scheduler::plan_foreground(Request* r, bool may_evict) {
   for (int32_t m = 0; m < num_models(); ++m) {
     View& view = r->views[m];
     if (view.run != Run::kForeground || held(m)) continue;
-    attach_cached(view, m);
+    auto source = r->copy_from < 0 ? requests_.end() : requests_.find(r->copy_from);
+    attach_cached(view, m, source == requests_.end() ? nullptr : &source->second->views[m]);
     const int32_t size = static_cast<int32_t>(view.tokens.size());
     const int32_t pending = size - view.num_computed;
     int32_t count = std::min(pending, budget_[m]);
@@ -371,6 +390,7 @@ void Scheduler::schedule(uint32_t held_models) {
     }
     it = waiting_.erase(it);
     r->status = Status::kRunning;
+    r->copy_from = -1;  // copied once: after a preemption the request recomputes (the cache may help)
     running_.push_back(r);
     // Nothing unplans an admitted request, so the full pages this step computes for it can be
     // found already by the requests admitted after it (they then need less of the budget).

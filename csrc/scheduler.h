@@ -10,6 +10,7 @@
 #include <deque>
 #include <memory>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "page_allocator.h"
@@ -59,6 +60,9 @@ struct Request {
   int64_t id = 0;
   std::vector<View> views;  // one per model
   Status status = Status::kWaiting;
+  // A request with the same prompt whose partial last page this one copies at admission (one of
+  // n samples): with its full pages from the prefix cache, only the sampled tail is computed.
+  int64_t copy_from = -1;
 };
 
 // Per-model step arrays. Capacities are fixed at construction, so views handed to Python stay valid.
@@ -99,7 +103,10 @@ class Scheduler {
   // `views[m]` is model m's initial token stream (empty if unused), `runs[m]` its Run. Ids are
   // non-negative (-1 marks an empty row in the step arrays).
   void add_request(int64_t id, const std::vector<std::vector<int32_t>>& views, const std::vector<int32_t>& runs,
-                   bool reads_cache = true);
+                   bool reads_cache = true, int64_t copy_from = -1);
+  // The page copies planned since the last call, which the caller makes before the step runs:
+  // (model, source page, destination page) triples, flat (see Request::copy_from).
+  std::vector<int32_t> take_page_copies() { return std::exchange(page_copies_, {}); }
   // Plans one step and fills every model's buffers and counts row. Models whose bit is set in
   // `held_models` do not run this step: their views keep their pages and their place, and wait
   // (the co-scheduling policy gathers big-model work this way).
@@ -166,7 +173,7 @@ class Scheduler {
   // to compute); and, at fill time, swaps an entry's fresh pages for the pages an earlier entry of
   // the same batch computes.
   void publish_full_pages(View& view, int32_t model, int32_t num_tokens);
-  void attach_cached(View& view, int32_t model);
+  void attach_cached(View& view, int32_t model, const View* source = nullptr);
   void share_pages(Entry& e, View& view, int32_t model);
   void release_pages_from(View& view, size_t first);
   void preempt(Request* request);
@@ -174,6 +181,7 @@ class Scheduler {
   void fill(int32_t model, std::vector<Entry>& plan);
   View& view_of(int64_t id, int32_t model) { return const_cast<View&>(view(id, model)); }
 
+  std::vector<int32_t> page_copies_;
   SchedulerConfig config_;
   std::vector<int32_t> max_pages_per_seq_;
   PageAllocator allocator_;

@@ -50,6 +50,14 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+@dataclass
+class SampleGroup:
+    """The n samples of one prompt: the first starts at once; the others wait until it has
+    computed the prompt, then copy it instead of computing it (Engine.add_request's sample_of)."""
+
+    first: object = None  # the first sample's engine request, once added
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Engine state published by the loop thread after every step (read by /metrics)."""
@@ -70,6 +78,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._streams: list[_Stream] = []  # loop thread only
+        self._deferred: list[tuple] = []  # loop thread only: samples waiting for their group's first
         self._lock = threading.Lock()
         self._queued = 0  # submitted and not yet running
         self.active = 0  # streams not yet finished, queued ones included
@@ -90,9 +99,11 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self.failure is None and self._thread.is_alive()
 
-    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+    async def stream(self, prompt: Prompt, params: SamplingParams,
+                     group: "SampleGroup | None" = None) -> AsyncIterator[StreamEvent]:
         """Events of one request as the engine produces them; the last one carries the output
-        (finish_reason "error" and a message if the engine refused the request or it failed)."""
+        (finish_reason "error" and a message if the engine refused the request or it failed).
+        `group`: the same SampleGroup for each of n samples of one prompt (their prompt is computed once)."""
         with self._lock:
             if self.failure is not None:
                 raise Unavailable(f"the engine failed: {self.failure}")
@@ -103,7 +114,7 @@ class AsyncEngine:
             self._queued += 1
             self.active += 1
         stream = _Stream(asyncio.get_running_loop())
-        self._commands.put(("add", stream, prompt, params))
+        self._commands.put(("add", stream, prompt, params, group))
         finished = False
         try:
             while True:
@@ -149,7 +160,8 @@ class AsyncEngine:
         built.put(self.engine)
         try:
             while not self._stop:
-                self._apply_commands(block=not self._streams)
+                self._apply_commands(block=not self._streams and not self._deferred)
+                self._start_deferred()
                 if self._streams:
                     self.engine.step()
                     self._publish()
@@ -158,7 +170,7 @@ class AsyncEngine:
             logger.exception("engine loop failed")
             with self._lock:
                 self.failure = e
-            for stream in self._streams:
+            for stream in self._streams + [item[0] for item in self._deferred]:
                 stream.push(Unavailable(f"the engine failed: {e}"))
             self._refuse_commands()
 
@@ -185,20 +197,39 @@ class AsyncEngine:
                 if stream in self._streams:
                     self.engine.abort(stream.request.id)
                     self._streams.remove(stream)
+                self._deferred = [item for item in self._deferred if item[0] is not stream]
             elif kind == "fail_all":
                 self._closed = True  # an add that raced the drain is refused too
                 for stream in self._streams:
                     self.engine.abort(stream.request.id, error=args[0])
+                for item in self._deferred:
+                    item[0].push(Unavailable("the server is shutting down"))
+                self._deferred = []
                 self._publish()
 
-    def _add(self, stream: _Stream, prompt: Prompt, params: SamplingParams) -> None:
+    def _add(self, stream: _Stream, prompt: Prompt, params: SamplingParams, group: "SampleGroup | None") -> None:
         with self._lock:
             self._queued -= 1
         if self._closed:
             stream.push(Unavailable("the server is shutting down"))
             return
+        if group is not None and group.first is not None and not _prompt_computed(group.first):
+            self._deferred.append((stream, prompt, params, group))
+            return
+        self._start(stream, prompt, params, group)
+
+    def _start_deferred(self) -> None:
+        """Starts the samples whose group's first sample has computed the prompt (or ended)."""
+        ready = [item for item in self._deferred if _prompt_computed(item[3].first)]
+        self._deferred = [item for item in self._deferred if not _prompt_computed(item[3].first)]
+        for item in ready:
+            self._start(*item)
+
+    def _start(self, stream: _Stream, prompt: Prompt, params: SamplingParams, group: "SampleGroup | None") -> None:
+        first = group.first if group is not None else None
+        sample_of = first.id if first is not None and first.finish_reason is None else None
         try:
-            outputs, reqs = self.engine._submit([prompt], [params], stream=True)
+            outputs, reqs = self.engine._submit([prompt], [params], stream=True, sample_of=sample_of)
         except Exception as e:  # ValueError / TypeError: a bad request; anything else fails it alone
             if not isinstance(e, (ValueError, TypeError)):
                 logger.exception("adding a request failed")
@@ -208,6 +239,8 @@ class AsyncEngine:
             stream.push(StreamEvent(0, [], "", outputs[0]))
             return
         stream.request = reqs[0]
+        if group is not None and group.first is None:
+            group.first = reqs[0]
         self._streams.append(stream)
 
     def _publish(self) -> None:
@@ -234,3 +267,8 @@ class AsyncEngine:
         s = self.engine.scheduler
         self.snapshot = Snapshot(s.num_running, s.num_waiting, tuple(s.pages_held(m) for m in range(s.num_models)),
                                  s.num_free_pages, s.num_cached_pages)
+
+
+def _prompt_computed(req) -> bool:
+    """Whether a request has computed its prompt (it has a token) or ended."""
+    return bool(req.tokens) or req.finish_reason is not None

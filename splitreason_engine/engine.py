@@ -156,7 +156,7 @@ class Engine:
         self._requests = self.book.live
         self.loop = StepLoop(self.scheduler, self.runners, self.book, self.stats, self.clock, policy,
                              self.ops.sample_and_detect, self.ops.verify_rows, self.detect_tables, self.real_vocab, seed, self.device,
-                             max_model_len, self.overlap, trace=self.trace)
+                             max_model_len, self.overlap, self.pool, trace=self.trace)
         flows = FlowContext(self.book, self.tokenizer, self.tags, self.detector, self.catch_up, len(self.models),
                             self.config.protocol.speculate, self.step_costs, min(MAX_SPECULATE, max_num_batched_tokens - 1),
                             trace=self.trace)
@@ -194,10 +194,15 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> int:
+    def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0,
+                    sample_of: "int | None" = None) -> int:
         """Queues one prompt (RequestIntake.add); raises ValueError naming the problem if it cannot
-        be served. In split and random modes the prompt is the question, put into the template."""
-        return self.intake.add(prompt, params, index)
+        be served. In split and random modes the prompt is the question, put into the template.
+        `sample_of`: a live request with the same prompt and params but its seed (another of n
+        samples) whose computed prompt this one copies instead of computing it: its full pages
+        through the prefix cache, its partial last page by a page copy (in one process only)."""
+        copy_from = sample_of if self.tp is None and sample_of in self._requests else None
+        return self.intake.add(prompt, params, index, copy_from)
 
     def abort(self, request_id: int, error: "str | None" = None) -> None:
         """Ends a queued or running request now and frees its pages: finish_reason "abort", or
@@ -215,9 +220,10 @@ class Engine:
 
     # ---- front doors --------------------------------------------------------------------------
 
-    def _submit(self, prompts, params, stream: bool) -> tuple[list[RequestOutput], list[Request]]:
+    def _submit(self, prompts, params, stream: bool,
+                sample_of: "int | None" = None) -> tuple[list[RequestOutput], list[Request]]:
         """Queues every servable prompt; the others get an "error" output. On an unexpected
-        exception nothing stays queued."""
+        exception nothing stays queued. `sample_of`: add_request's."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None:
@@ -234,7 +240,7 @@ class Engine:
                 out = RequestOutput(index=i, prompt_token_ids=[])
                 outputs.append(out)
                 try:
-                    rid = self.add_request(prompt, p, index=i)
+                    rid = self.add_request(prompt, p, index=i, sample_of=sample_of)
                 except ValueError as e:
                     logger.warning("prompt %d rejected: %s", i, e)
                     out.finish_reason, out.error = "error", str(e)

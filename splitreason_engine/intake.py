@@ -62,10 +62,11 @@ class RequestIntake:
         if bad:
             raise ValueError(f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
-    def add(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> int:
+    def add(self, prompt: Prompt, params: SamplingParams, index: int = 0, copy_from: "int | None" = None) -> int:
         """Queues one prompt; raises ValueError naming the problem if it cannot be served.
 
-        In split and random modes the prompt is the question, a string, put into the template."""
+        In split and random modes the prompt is the question, a string, put into the template.
+        `copy_from`: the request whose computed prompt KV it copies (Engine.add_request's sample_of)."""
         params.validate()
         mode = self._mode(params)
         vocab = min(self.real_vocab)
@@ -109,7 +110,8 @@ class RequestIntake:
                             else RandomFlow(self.flows, req, small_ids, big_ids, seed))
         metrics.num_prompt_tokens = len(req.prompt)
         scores = req.prompt_model is not None
-        self.scheduler.add_request(rid, *req.flow.initial_views(), reads_cache=not scores)
+        self.scheduler.add_request(rid, *req.flow.initial_views(), reads_cache=not scores,
+                                   copy_from=-1 if copy_from is None else copy_from)
         self.next_id += 1
         self.requests[rid] = req
         if scores:

@@ -10,9 +10,11 @@ models' geometry) holding only its own KV heads, so its pages are smaller (arena
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
+from .sampling import to_device
 
 @dataclass(frozen=True)
 class ModelGeometry:
@@ -80,6 +82,13 @@ class KVPool:
             used = g.page_tokens * c.kv_bytes_per_token(dtype, heads) // elem
             view = self.arena[:, :used].view(num_pages, c.num_layers, 2, g.page_tokens, heads, c.head_dim)
             self.kv_caches.append([(view[:, l, 0], view[:, l, 1]) for l in range(c.num_layers)])
+
+    def copy_pages(self, sources: list[int], destinations: list[int]) -> None:
+        """Copies whole pages (every model's layout lives in the same arena row), queued on the
+        device before the step that reads them."""
+        src = to_device(np.array(sources, dtype=np.int64), self.arena.device)
+        dst = to_device(np.array(destinations, dtype=np.int64), self.arena.device)
+        self.arena.index_copy_(0, dst, self.arena.index_select(0, src))
 
     def capacity_tokens(self, model: int) -> int:
         return self.num_pages * self.geometries[model].page_tokens

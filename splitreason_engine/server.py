@@ -26,7 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import chat
-from .async_engine import AsyncEngine, Overloaded, Unavailable
+from .async_engine import AsyncEngine, Overloaded, SampleGroup, Unavailable
 from .limits import ServerLimits
 from .openai_io import (ApiError, Asked, ChatShape, ChoiceSource, CompletionShape, asked_for, completion_prompts,
                         error_body, parse_body, usage)
@@ -191,7 +191,9 @@ async def respond(service: Service, prompts: list, asked: Asked, stream: bool, s
     cannot take them all; either way none is left running), then answers with JSON or server-sent
     events shaped by `shape` (openai_io's CompletionShape / ChatShape)."""
     start = time.perf_counter()
-    streams = [service.engine.stream(prompt, params) for prompt in prompts for params in asked.per_sample()]
+    groups = [SampleGroup() for _ in prompts]  # each prompt's samples compute it once
+    streams = [service.engine.stream(prompt, params, group) for prompt, group in zip(prompts, groups)
+               for params in asked.per_sample()]
     firsts = await asyncio.gather(*(events.__anext__() for events in streams), return_exceptions=True)
     try:
         for first in firsts:

@@ -15,6 +15,7 @@ import torch
 from . import _C
 from .inflight import Batch, Feed, Results, Step
 from .kernels.sample import NONFINITE
+from .kv_pool import KVPool
 from .logprobs import HostCopy, PromptRows, TokenLogprob, top_logprobs, with_top
 from .parallel import TPFailure
 from .requests import BIG, MODEL_NAMES, Request, RequestBook
@@ -38,8 +39,9 @@ class StepLoop:
 
     def __init__(self, scheduler, runners: list[ModelRunner], book: RequestBook, stats: EngineStats, clock, policy,
                  sample_op, verify_op, detect_tables: DetectTables, real_vocab: list[int], seed: int, device: torch.device,
-                 max_model_len: int, overlap: bool, trace: "Trace | None" = None):
+                 max_model_len: int, overlap: bool, pool: KVPool, trace: "Trace | None" = None):
         self.scheduler, self.runners, self.book, self.stats, self.clock = scheduler, runners, book, stats, clock
+        self.pool = pool  # the scheduler's page copies (n samples of one prompt) run on it
         self.trace = trace  # the engine's timeline, if it keeps one (trace.py)
         self.policy, self.sample_op, self.verify_op = policy, sample_op, verify_op
         self.detect_tables, self.real_vocab = detect_tables, real_vocab
@@ -343,6 +345,9 @@ class StepLoop:
             self.scheduler.schedule(0)
         if hold:
             self.stats.held_steps += 1
+        copies = self.scheduler.take_page_copies()
+        if copies:
+            self.pool.copy_pages(copies[1::3], copies[2::3])
         if self.trace is not None:
             self.trace.plan(now, hold, self.requests)
         self.policy.observe(len(self.runners) > 1 and self.counts[BIG, 0] > 0)

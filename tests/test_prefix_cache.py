@@ -31,16 +31,17 @@ class CacheDriver(Driver):
         super().__init__(num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, page_tokens,
                          prefix_caching=True)
         self.prefixes: dict[tuple, int] = {}  # token prefix -> identity
+        self.copies = 0  # partial pages copied (copy_from)
         # slots[m][page * page_tokens + offset]: the prefix identity written there (-1: never written)
         self.slots = [np.full(num_pages * pt, -1, dtype=np.int64) for pt in page_tokens]
 
     def identity(self, tokens: list[int], end: int) -> int:
         return self.prefixes.setdefault(tuple(tokens[:end]), len(self.prefixes))
 
-    def add(self, rid: int, model: int, prompt: list[int], max_tokens: int) -> None:
+    def add(self, rid: int, model: int, prompt: list[int], max_tokens: int, copy_from: int = -1) -> None:
         views = [MirrorView() for _ in range(self.num_models)]
         views[model] = MirrorView(list(prompt), FG)
-        self.s.add_request(rid, [v.tokens for v in views], [v.run for v in views])
+        self.s.add_request(rid, [v.tokens for v in views], [v.run for v in views], copy_from=copy_from)
         self.live[rid] = Tracked(views, max_tokens)
 
     def finish(self, rid: int, cache: bool = True) -> None:
@@ -58,8 +59,14 @@ class CacheDriver(Driver):
         self.s.check_invariants()
 
     def schedule(self) -> None:
-        """One step: plan it, write every new token's KV into the arena, then check every read."""
+        """One step: plan it, make its page copies, write every new token's KV into the arena, then
+        check every read."""
         self.s.schedule(0)
+        copies = self.s.take_page_copies()
+        for m, src, dst in zip(copies[::3], copies[1::3], copies[2::3]):
+            pt = self.page_tokens[m]
+            self.slots[m][dst * pt: (dst + 1) * pt] = self.slots[m][src * pt: (src + 1) * pt]
+        self.copies += len(copies) // 3
         counts = self.s.counts().reshape(self.num_models, _C.NUM_COUNT_FIELDS)
         for m in range(self.num_models):
             num_seqs = int(counts[m][0])
@@ -112,6 +119,7 @@ SHARED_PAGE_OF_A_FAILED_REQUEST = Workload(
 @example(SHARED_PAGE_OF_A_FAILED_REQUEST, True)
 def test_random_workloads_read_only_their_own_kv(w: Workload, fail_some: bool) -> None:
     rng = np.random.default_rng(w.seed)
+    copy_rng = np.random.default_rng(w.seed + 1)  # its own draws: the workloads found before stay as they were
     d = CacheDriver(w.num_pages, w.max_num_seqs, w.max_num_batched_tokens, w.max_model_len, w.page_tokens)
     prompts = shared_prompts(rng, len(w.arrivals), w.max_model_len - 2)
     aborts: dict[int, list[int]] = {}
@@ -123,7 +131,14 @@ def test_random_workloads_read_only_their_own_kv(w: Workload, fail_some: bool) -
     for step in range(bound):
         for rid, a in enumerate(w.arrivals):
             if a.step == step:
-                d.add(rid, a.model, prompts[rid], a.max_tokens)
+                # Some arrivals are another sample of a live request: its tokens so far, copied.
+                sources = [s for s, r in sorted(d.live.items()) if r.views[a.model].tokens]
+                if sources and copy_rng.random() < 0.3:
+                    source = sources[int(copy_rng.integers(0, len(sources)))]
+                    prompts[rid] = list(d.live[source].views[a.model].tokens)
+                    d.add(rid, a.model, prompts[rid], a.max_tokens, copy_from=source)
+                else:
+                    d.add(rid, a.model, prompts[rid], a.max_tokens)
         d.schedule()
         for rid in aborts.get(step, []):  # a failed request keeps its last step's pages out of the cache
             d.finish(rid, cache=not fail_some)
@@ -217,6 +232,28 @@ def test_a_request_that_reads_no_cache_computes_every_token_and_still_publishes(
     s.schedule(0)
     assert s.view_stats(3, 0)[2] == 12  # a reading request takes them
     s.check_invariants()
+
+
+def test_another_sample_copies_the_partial_page_and_computes_only_its_tail() -> None:
+    """copy_from: the full pages come from the cache, the partial last page is copied into a page
+    of the sample's own (the driver checks every slot it reads), and only the last token runs."""
+    d = CacheDriver(num_pages=32, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32, page_tokens=[4])
+    prompt = list(range(1, 15))  # 14 tokens: 3 full pages and 2 more
+    d.add(0, 0, prompt, 4)
+    d.schedule()
+    d.append(0, 0, [7])
+    d.add(1, 0, prompt, 4, copy_from=0)
+    d.schedule()
+    assert d.copies == 1 and d.s.view_stats(1, 0)[2] == 13  # 12 cached, 1 copied
+    assert d.s.request_pages(1, 0)[:3] == d.s.request_pages(0, 0)[:3]
+    assert d.s.request_pages(1, 0)[3] != d.s.request_pages(0, 0)[3]
+    for step in range(3):  # both write their own tokens into their own 4th page
+        for rid in d.sample_ids(0):
+            d.append(rid, 0, [rid + 20])
+        d.schedule()
+    for rid in (0, 1):
+        d.finish(rid)
+    assert d.s.num_free_pages == 32
 
 
 def test_a_sampled_tail_is_computed_whole_not_shared_or_cached() -> None:

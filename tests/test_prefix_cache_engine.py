@@ -5,7 +5,7 @@ handoffs and catch-ups, and with the pool so small that pages are evicted and re
 import pytest
 
 from split_models import PAGE_BYTES, check_against_oracle, mixed_requests, params_for
-from splitreason_engine import Engine
+from splitreason_engine import Engine, SamplingParams
 
 
 def two_waves(engine, oracle):
@@ -63,3 +63,27 @@ def test_seeded_sampling_gives_the_same_tokens_with_and_without_the_cache(pair, 
     (cached, hits), (plain, no_hits) = run(True), run(False)
     assert cached == plain
     assert hits > 0 and no_hits == 0
+
+
+@pytest.mark.parametrize("mode, overlap", [("split", False), ("small", True), ("big", False)])
+def test_samples_of_one_prompt_copy_it_once_computed(pair, mode, overlap):
+    """Engine.add_request(sample_of=...): samples added once the first has its first token compute
+    only their last prompt token (full pages from the cache, the partial page copied) and give the
+    tokens an engine without the cache gives."""
+    prompt = "What is 12 times 34?" if mode == "split" else [5, 9, 2, 7] * 9
+    params = [SamplingParams(seed=s, temperature=1.0, max_tokens=24, mode=mode) for s in range(5)]
+    plain = Engine(*pair, kv_cache_bytes=1 << 24, max_model_len=256, prefix_caching=False, progress=False)
+    expected = [o.token_ids for o in plain.generate([prompt] * 5, params, use_tqdm=False)]
+    engine = Engine(*pair, kv_cache_bytes=1 << 24, max_model_len=256, overlap=overlap, progress=False)
+    first = engine.add_request(prompt, params[0])
+    while not engine._requests[first].tokens:
+        engine.step()
+    reqs = [engine._requests[first]] + [engine._requests[engine.add_request(prompt, p, sample_of=first)]
+                                        for p in params[1:]]
+    while engine.has_unfinished():
+        engine.step()
+        engine.scheduler.check_invariants()
+    assert [r.tokens for r in reqs] == expected
+    model = 1 if mode == "big" else 0
+    size = len(reqs[0].prompt)
+    assert [size - r.metrics.cached_tokens[model] for r in reqs] == [size, 1, 1, 1, 1]

@@ -87,17 +87,16 @@ def test_chat_n_samples_streamed_and_not(client):
 
 
 def test_n_samples_compute_the_prompt_once(server, client):
-    """n=8 on a fresh prompt: the model computes the prompt's full pages once; the other samples
-    read them from the prefix cache and compute only the tail past the last full page."""
+    """n=8 on a fresh prompt: the first sample computes it; the other seven start once it has, take
+    its full pages from the prefix cache and a copy of its partial last page, and compute only the
+    last prompt token, whose logits they sample. usage and /metrics both show it."""
     prompt = QUESTIONS[2] + " Think twice."
     hits = 'splitreason_prefix_cache_hit_tokens_total{model="small"}'
     before = server.metric(hits)
     u = client.completions.create(model=MODEL, prompt=prompt, n=8, seed=1, max_tokens=8).usage
-    extra = u.model_extra
-    page = 16
-    tail = u.prompt_tokens - (u.prompt_tokens - 1) // page * page
-    assert extra["prompt_tokens_computed"] <= u.prompt_tokens + 7 * tail
-    assert server.metric(hits) - before == 8 * u.prompt_tokens - extra["prompt_tokens_computed"]
+    computed = u.model_extra["prompt_tokens_computed"]
+    assert computed == u.prompt_tokens + 7
+    assert server.metric(hits) - before == 8 * u.prompt_tokens - computed
 
 
 @pytest.mark.parametrize("mode", ["small", "split"])
