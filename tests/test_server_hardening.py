@@ -108,7 +108,8 @@ OVERSIZED = [
 
 @pytest.mark.parametrize("path, body, status, param", OVERSIZED,
                          ids=["body", "prompt-text", "prompt-ids", "max_tokens", "stop-count", "stop-length",
-                              "logit_bias", "messages", "chat-prompt", "max_completion_tokens"])
+                              "logit_bias", "messages", "chat-prompt", "max_completion_tokens", "n", "logprobs",
+                              "prompt-count", "top_logprobs"])
 def test_oversized_requests_are_refused_naming_the_field_before_engine_work(guarded, path, body, status, param):
     before = guarded.metric("splitreason_requests_finished_total")
     r = post(guarded, path, body)
