@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -83,3 +85,17 @@ def test_verify_costs_times_every_shape_against_the_model(tmp_path):
     r = smoke("verify_costs", tmp_path)
     assert [(s["rows"], s["k"]) for s in r["shapes"]] == [(rows, k) for rows in (1, 4) for k in range(3)]
     assert all(s["measured_s"] > 0 and s["modelled_s"] > 0 for s in r["shapes"])
+
+
+def test_pass_at_k_samples_share_their_prompt_through_a_real_server(tmp_path, monkeypatch):
+    # The server it starts takes this process's intra-op threads (one under xdist): with more,
+    # OpenMP spin-waits beside a busy worker made the run eight times slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    r = smoke("pass_at_k", tmp_path)
+    assert r["prefix_caching"] is True and r["sanity_failures"] == []
+    [run] = r["runs"]
+    assert run["choices"] == [4, 4] and 0 <= run["pass@1"] <= run["pass@n"] <= 1
+    # Each prompt computed once, each further sample its last prompt token only (docs/evaluation.md).
+    assert run["prompt_tokens_computed"] == run["prompt_tokens"] + 2 * 3
+    assert run["cache_hit_tokens_small"] == 4 * run["prompt_tokens"] - run["prompt_tokens_computed"]
+    assert set(r["summary"]) >= {"pass@1", "pass@n", "maj@n", "wall_s"}
