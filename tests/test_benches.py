@@ -99,3 +99,11 @@ def test_pass_at_k_samples_share_their_prompt_through_a_real_server(tmp_path, mo
     assert run["prompt_tokens_computed"] == run["prompt_tokens"] + 2 * 3
     assert run["cache_hit_tokens_small"] == 4 * run["prompt_tokens"] - run["prompt_tokens_computed"]
     assert set(r["summary"]) >= {"pass@1", "pass@n", "maj@n", "wall_s"}
+
+
+def test_logprobs_cost_times_each_setting_and_returns_the_alternatives(tmp_path):
+    r = smoke("logprobs_cost", tmp_path)
+    assert r["sanity_failures"] == []
+    figures = r["vocab_512"]
+    assert all(figures[k]["median"] > 0 and figures[k]["repeats"] == 5 for k in ("none", "logprobs", "top20"))
+    assert figures["top20_over_none"] > 0

@@ -3,7 +3,7 @@ tokens', their top alternatives', and the prompt's, scored in the prefill, also 
 pages sit in the prefix cache, when its prefill is chunked, and after preemptions.
 
 The engine's values are those of the distribution it samples from: the softmax over the
-tokenizer's ids, without the embedding's padding rows (the demo pair has 99 of 104), so the
+tokenizer's ids, without the embedding's padding rows (the demo pair's 104th), so the
 reference is transformers' logits over the same ids."""
 
 import pytest
