@@ -82,22 +82,19 @@ class PromptRows:
         starts, positions = buffers["query_start_loc"], buffers["positions"]
         rows, targets, reqs, where = [], [], [], []
         for j, rid in enumerate(ids):
-            if rid not in scoring:
-                continue
-            req = requests[rid]
-            if req.prompt_model != model:
+            req = requests[rid] if rid in scoring else None
+            if req is None or req.prompt_model != model:
                 continue
             start, end = int(starts[j]), int(starts[j + 1])
-            for row in range(start, end):
-                pos = int(positions[row]) + 1  # this row's logits predict the token after it
-                if pos < len(req.prompt):
-                    rows.append(row)
-                    targets.append(req.prompt[pos])
-                    reqs.append(req)
-                    where.append(pos)
-        if not rows:
+            predicted = positions[start:end].astype(np.int64) + 1  # each row's logits predict the next token
+            keep = predicted < len(req.prompt)
+            rows.append(np.arange(start, end)[keep])
+            targets.append(np.asarray(req.prompt, dtype=np.int64)[predicted[keep]])
+            reqs += [req] * int(keep.sum())
+            where += predicted[keep].tolist()
+        if not reqs:
             return None
-        return cls(np.array(rows, dtype=np.int64), np.array(targets, dtype=np.int64), reqs, where)
+        return cls(np.concatenate(rows), np.concatenate(targets), reqs, where)
 
     def score(self, logits: torch.Tensor, real_vocab: int) -> "PromptScores":
         """Each row's target logprob and the top alternatives its request asks for, launched."""
