@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they end with an "
                             "error (default: 30)")
+    serve.add_argument("--default-mode", choices=MODES,
+                       help="the mode of requests that name none (default: split with two models, else small); "
+                            "clients that cannot send a mode, such as lm-eval's loglikelihood requests, get this one")
     add_limit_options(serve)
     add_options(serve)
     train = sub.add_parser("train-demo", help="train the demo model pair (small with tags, big without)",
@@ -284,8 +287,10 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or ("splitreason-demo" if args.small is None else checkpoint.name)
     engine = AsyncEngine(lambda: engine_from_args(args), args.max_waiting)
     try:
-        app = build_app(engine, name, chat.load_chat_template(checkpoint), generation_defaults(checkpoint),
-                        args.api_key or None, limits)
+        defaults = generation_defaults(checkpoint)
+        if args.default_mode is not None:
+            defaults["mode"] = args.default_mode
+        app = build_app(engine, name, chat.load_chat_template(checkpoint), defaults, args.api_key or None, limits)
         server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), engine,
                                 args.shutdown_timeout)
         auth = "API key required" if args.api_key else "no API key"

@@ -180,3 +180,21 @@ def test_a_list_of_prompts_gives_their_choices_in_order(client):
     assert as_ids.usage.prompt_tokens == 2 * len(ids)
     streamed = streamed_choices(client.completions.create(prompt=prompts, n=2, stream=True, **body))
     assert [streamed[k]["text"] for k in range(4)] == [c.text for c in whole.choices]
+
+
+def test_a_default_mode_serves_echo_to_clients_that_send_no_mode(library):
+    """serve --default-mode big: a request naming no mode runs in big mode, so echo works without
+    the mode field (lm-eval's loglikelihood body has none); a request may still name its own."""
+    s = Server("--kv-cache-bytes", str(1 << 24), "--default-mode", "big")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        prompt = QUESTIONS[0]
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        assert whole.usage.model_extra["mode"] == "big"
+        [ref] = library.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1, mode="big"), use_tqdm=False)
+        got = whole.choices[0].logprobs.token_logprobs
+        assert max(abs(a - b) for a, b in zip(got[1:], ref.prompt_logprobs[1:])) <= TOL
+        split = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"mode": "split"})
+        assert split.usage.model_extra["mode"] == "split"
+    finally:
+        s.close()
