@@ -221,21 +221,15 @@ def usage(outs: list[RequestOutput], n: int) -> dict:
     return result
 
 
-@dataclass
-class ChoiceSource:
-    """What a choice's response shows besides the engine's output: its echoed prompt."""
-
-    echo_text: str = ""  # the prompt's text, when echoed
-
-
 class CompletionShape:
     """/v1/completions responses: one text_completion, or its stream chunks (one choice each)."""
 
-    def __init__(self, rid: str, created: int, model: str, asked: Asked, names: TokenText, sources: list[ChoiceSource]):
+    def __init__(self, rid: str, created: int, model: str, asked: Asked, names: TokenText, echo_texts: list[str]):
+        """`echo_texts`: per choice, its prompt's text (shown before its completion with echo)."""
         self.head = {"id": rid, "object": "text_completion", "created": created, "model": model}
-        self.asked, self.names, self.sources = asked, names, sources
-        self.offsets = [0] * len(sources)  # text offset reached by each choice's stream
-        self.started = [False] * len(sources)
+        self.asked, self.names, self.echo_texts = asked, names, echo_texts
+        self.offsets = [0] * len(echo_texts)  # text offset reached by each choice's stream
+        self.started = [False] * len(echo_texts)
 
     def chunk(self, index: int, event: StreamEvent) -> dict:
         out = event.output
@@ -247,7 +241,7 @@ class CompletionShape:
             logprobs, self.offsets[index] = completion_logprobs(
                 self.names, *_joined(prompt, event.token_ids, event.logprobs, event.top_logprobs, event.token_models),
                 self.offsets[index])
-        choice = {"index": index, "text": (self.sources[index].echo_text if echo else "") + event.text,
+        choice = {"index": index, "text": (self.echo_texts[index] if echo else "") + event.text,
                   "logprobs": logprobs, "finish_reason": out.finish_reason if out else None,
                   "stop_reason": out.stop_reason if out else None,
                   "token_models": event.token_models}  # extension: who wrote each new token (0 small, 1 big)
@@ -261,7 +255,7 @@ class CompletionShape:
             if self.asked.logprobs is not None:
                 logprobs, _ = completion_logprobs(self.names, *_joined(
                     prompt, out.token_ids, out.logprobs, out.top_logprobs, out.token_models), 0)
-            choices.append({"index": index, "text": (self.sources[index].echo_text if self.asked.echo else "") + out.text,
+            choices.append({"index": index, "text": (self.echo_texts[index] if self.asked.echo else "") + out.text,
                             "logprobs": logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
         return {**self.head, "choices": choices, "usage": usage(outs, self.asked.n)}
 

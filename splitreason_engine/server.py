@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from . import chat
 from .async_engine import AsyncEngine, Overloaded, SampleGroup, Unavailable
 from .limits import ServerLimits
-from .openai_io import (ApiError, Asked, ChatShape, ChoiceSource, CompletionShape, asked_for, completion_prompts,
+from .openai_io import (ApiError, Asked, ChatShape, CompletionShape, asked_for, completion_prompts,
                         error_body, parse_body, usage)
 from .openai_logprobs import TokenText
 from .sampling import SamplingParams
@@ -97,10 +97,9 @@ def openai_routes(service: Service) -> APIRouter:
         prompts = completion_prompts(body, service.limits)
         asked = asked_for(body, service.sampling_defaults, service.limits, chat=False)
         prompts = [await prompt_for(service, asked, prompt) for prompt in prompts]
-        sources = [ChoiceSource(echo_text(service, prompt) if asked.echo else "") for prompt in prompts
-                   for _ in range(asked.n)]
+        echo_texts = [echo_text(service, prompt) if asked.echo else "" for prompt in prompts for _ in range(asked.n)]
         shape = CompletionShape(f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.model_name, asked, service.names,
-                                sources)
+                                echo_texts)
         return await respond(service, prompts, asked, body.get("stream", False), shape)
 
     @v1.post("/chat/completions")
