@@ -46,7 +46,8 @@ uint64_t next_page_key(const View& view, int32_t page_tokens, int32_t model) {
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerConfig& config)
-    : config_(config), allocator_(config.num_pages) {
+    : allocated_at_(static_cast<size_t>(std::max(config.num_pages, 0)), -1), config_(config),
+      allocator_(config.num_pages) {
   if (config.page_tokens.empty()) throw std::invalid_argument("Scheduler: no models");
   if (num_models() > kMaxModels)
     throw std::invalid_argument("Scheduler: " + std::to_string(num_models()) + " models, at most " +
@@ -251,12 +252,14 @@ void Scheduler::attach_cached(View& view, int32_t model, const View* source) {
   // holds them in the same page: a fresh page of this view's own gets a copy of it.
   const size_t k = view.pages.size();
   if (source != nullptr && source->pages.size() > k && source->page_hashes.size() >= k &&
+      allocated_at_[static_cast<size_t>(source->pages[k])] != schedules_ &&
       std::equal(view.page_hashes.begin(), view.page_hashes.end(), source->page_hashes.begin())) {
     const int32_t end = std::min({source->num_computed, limit, view.num_computed + page_tokens - 1});
     int32_t same = view.num_computed;
     while (same < end && source->tokens[same] == view.tokens[same]) ++same;
     std::vector<int32_t> fresh;
     if (same > view.num_computed && allocator_.allocate(1, fresh)) {
+      allocated_at_[static_cast<size_t>(fresh[0])] = schedules_;
       page_copies_.insert(page_copies_.end(), {model, source->pages[k], fresh[0]});
       view.pages.push_back(fresh[0]);
       view.num_cached += same - view.num_computed;
@@ -283,6 +286,8 @@ bool Scheduler::reserve_pages(View& view, int32_t model, int32_t num_tokens) {
   const int32_t need = ceil_div(num_tokens, config_.page_tokens[model]) -
                        static_cast<int32_t>(view.pages.size());
   if (need > 0 && !allocator_.allocate(need, view.pages)) return false;
+  for (size_t i = view.pages.size() - static_cast<size_t>(std::max(need, 0)); i < view.pages.size(); ++i)
+    allocated_at_[static_cast<size_t>(view.pages[i])] = schedules_;
   view.peak_pages = std::max(view.peak_pages, static_cast<int32_t>(view.pages.size()));
   return true;
 }
@@ -359,6 +364,7 @@ bool Scheduler::plan_foreground(Request* r, bool may_evict) {
 
 void Scheduler::schedule(uint32_t held_models) {
   held_models_ = held_models;
+  ++schedules_;
   budget_.assign(num_models(), config_.max_num_batched_tokens);
   for (auto& plan : plans_) plan.clear();
 

@@ -182,6 +182,10 @@ class Scheduler {
   View& view_of(int64_t id, int32_t model) { return const_cast<View&>(view(id, model)); }
 
   std::vector<int32_t> page_copies_;
+  // The schedule() call that last allocated each page: a page allocated in this one holds no KV
+  // before this step runs (even when published already for same-step sharing), so it is no copy source.
+  std::vector<int64_t> allocated_at_;
+  int64_t schedules_ = 0;
   SchedulerConfig config_;
   std::vector<int32_t> max_pages_per_seq_;
   PageAllocator allocator_;

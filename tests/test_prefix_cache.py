@@ -114,9 +114,21 @@ SHARED_PAGE_OF_A_FAILED_REQUEST = Workload(
     handoff_rate=0, rollback_rate=0.1, background_rate=0, seed=886940)
 
 
+# Found by the fuzz: request 5, preempted, is admitted again and computes its partial page into a
+# page it allocates in that step and publishes at once (same-step sharing); request 1 takes it from
+# the cache, and request 7, a sample of request 1 admitted in the same step, copied it before that
+# step had written it. Pages allocated in the current step are no copy source now.
+COPY_OF_A_PAGE_WRITTEN_IN_THE_SAME_STEP = Workload(
+    page_tokens=[2], max_model_len=34, num_pages=18, max_num_seqs=3, max_num_batched_tokens=16,
+    arrivals=[Arrival(step, 0, 1, max_tokens, None, False) for step, max_tokens in
+              [(1, 1), (3, 2), (2, 3), (1, 1), (1, 1), (2, 2), (0, 1), (3, 1)]],
+    handoff_rate=0.0, rollback_rate=0.0, background_rate=0.0, seed=1)
+
+
 @settings(max_examples=examples(150), deadline=None)
 @given(workloads(), st.booleans())
 @example(SHARED_PAGE_OF_A_FAILED_REQUEST, True)
+@example(COPY_OF_A_PAGE_WRITTEN_IN_THE_SAME_STEP, False)
 def test_random_workloads_read_only_their_own_kv(w: Workload, fail_some: bool) -> None:
     rng = np.random.default_rng(w.seed)
     copy_rng = np.random.default_rng(w.seed + 1)  # its own draws: the workloads found before stay as they were
