@@ -114,6 +114,6 @@ class RequestIntake:
                                    copy_from=-1 if copy_from is None else copy_from)
         self.next_id += 1
         self.requests[rid] = req
-        if scores:
+        if scores and len(req.prompt) > 1:  # a one-token prompt has no position to score
             self.flows.book.scoring.add(rid)
         return rid

@@ -113,12 +113,17 @@ class PromptScores:
     rows: PromptRows
     copy: HostCopy
 
-    def apply(self) -> None:
+    def apply(self) -> list[int]:
         """Writes each scored prompt token into its request's prompt_logprobs (a recomputation
-        after a preemption writes the same values again)."""
+        after a preemption writes the same values again), and returns the ids of the requests
+        whose last prompt token this step scored: they have nothing left to score."""
         lists = self.copy.lists()
         chosen = lists[0]
+        done = []
         for i, (req, pos) in enumerate(zip(self.rows.requests, self.rows.positions)):
             n = req.params.prompt_logprobs
             top = with_top(lists[1][i], lists[2][i], n) if n else []
             req.prompt_logprobs[pos] = TokenLogprob(chosen[i], top)
+            if pos == len(req.prompt) - 1:
+                done.append(req.id)
+        return done

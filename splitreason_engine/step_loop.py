@@ -243,7 +243,7 @@ class StepLoop:
         for batch in step.batches:
             m, began = batch.model, self.clock.now()
             if batch.prompt_scores is not None:  # before the tokens: a request may end with its first
-                batch.prompt_scores.apply()
+                self.book.scoring.difference_update(batch.prompt_scores.apply())
             tokens, words, logprobs = batch.results.wait() if batch.results is not None else ([], [], [])
             if batch.results is not None and batch.results.top is not None:
                 logprobs = [_with_top(lp, req, *top) for lp, req, *top in zip(logprobs, batch.reqs,

@@ -103,6 +103,29 @@ def test_prompt_logprobs_survive_preemption(checkpoints):
         assert [[t for t, _ in top] for top in a.top_logprobs] == [[t for t, _ in top] for top in b.top_logprobs]
 
 
+def test_a_request_leaves_the_scoring_set_once_its_prompt_is_scored(checkpoints):
+    """Each step scans the scoring requests' rows, so a request whose last prompt token is scored
+    leaves the set while it goes on decoding; a one-token prompt never joins it."""
+    engine = Engine(checkpoints["qwen2"], kv_cache_bytes=1 << 22, max_num_batched_tokens=16, progress=False)
+    [prompt] = ragged_prompts_for(4, count=1, lo=40, hi=41)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
+    rid = engine.add_request(prompt, params)
+    one = engine.add_request(prompt[:1], params)
+    assert engine.book.scoring == {rid}
+    seen_scoring, seen_decoding_after = False, False
+    while engine.has_unfinished():
+        engine.step()
+        req = engine.book.live.get(rid)
+        if req is None:
+            continue
+        scored = all(lp is not None for lp in req.prompt_logprobs[1:])
+        assert (rid in engine.book.scoring) == (not scored)
+        seen_scoring |= not scored
+        seen_decoding_after |= scored and len(req.tokens) < params.max_tokens
+        assert one not in engine.book.scoring
+    assert seen_scoring and seen_decoding_after
+
+
 def test_overlapped_steps_and_the_cuda_input_layout_give_the_same_values(checkpoints, monkeypatch):
     """Overlapped steps launch ahead of the host, and CUDA's staged input layout packs the step's
     gathered rows, prompt rows included: the same tokens and values as the plain loop."""
