@@ -1,13 +1,14 @@
 """The timeline (`trace=`, `--trace`): a Chrome / Perfetto trace that holds every handoff a
 request's metrics count, well-formed phase slices on a named track per request, one step slice per
 model step whose rows and tokens add up to EngineStats, held steps, and a token counter that ends
-at the engine's totals; bounded in memory; written by the CLI."""
+at the engine's totals; bounded in memory; written by `generate` and by `serve` at shutdown."""
 
 import json
 import subprocess
 import sys
 from collections import defaultdict
 
+import httpx
 import pytest
 
 from splitreason_engine import Engine, EngineConfig, SamplingParams
@@ -168,3 +169,29 @@ def test_generate_writes_the_trace_file(tmp_path):
     assert sum(e["name"] == "big step" for e in events) == stats["steps_big"]
     counter = max((e for e in events if e["ph"] == "C"), key=lambda e: e["ts"])
     assert counter["args"] == {"small": stats["small_tokens"], "big": stats["big_tokens"]}
+
+
+def test_serve_writes_the_trace_at_shutdown(tmp_path):
+    """`serve --trace` on the demo pair (the CLI's default models): a split request over HTTP, then
+    a graceful shutdown writes the file, whose handoffs and token counter are the ones `usage` reports."""
+    from test_server import Server
+
+    path = tmp_path / "serve-trace.json"
+    server = Server("--trace", str(path), "--coschedule", "eager")
+    try:
+        question = evaluation_problems(1, seed=11)[0].question
+        r = httpx.post(server.url + "/v1/completions", timeout=120,
+                       json={"prompt": question, "max_tokens": 72, "temperature": 0, "mode": "split"})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert not path.exists()  # written when the engine closes
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    assert_well_formed(events)
+    assert usage["handoffs"] >= 1
+    assert sum(e["name"] == "handoff" for e in events) == usage["handoffs"]
+    counter = max((e for e in events if e["ph"] == "C"), key=lambda e: e["ts"])
+    assert counter["args"] == {"small": usage["small_tokens"], "big": usage["big_tokens"]}
